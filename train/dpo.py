@@ -1,0 +1,160 @@
+"""LoRA DPO on the trait preference pairs, continuing the SFT adapter.
+
+    accelerate launch --config_file recipes/accelerate_configs/cpu.yaml -m train.dpo \\
+        --config recipes/quickstart/dpo.yaml [--beta 0.2 ...]
+
+Why DPO continues the SFT adapter (rather than merging SFT into the base and adding a second LoRA):
+the SFT adapter is loaded trainable (`PeftModel.from_pretrained(base, sft_adapter, is_trainable=True)`)
+and handed to DPOTrainer with no `peft_config` and no `ref_model`. TRL then adds a frozen copy of
+the adapter ("ref"), so the DPO reference is exactly the SFT policy, the standard SFT -> DPO setup,
+without a second copy of the base weights in memory and without merging (which is lossy for a
+4-bit base). The result is one adapter on the original base model: eval and publishing need
+nothing but the base id and this folder.
+"""
+
+import dataclasses
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")  # TRL pings telemetry when a trainer is created
+
+from train.recipe import ScriptArguments  # noqa: E402
+
+
+@dataclasses.dataclass
+class DPOScriptArguments(ScriptArguments):
+    sft_adapter: str | None = dataclasses.field(
+        default=None,
+        metadata={"help": "Adapter folder written by train.sft; DPO continues it (None: a fresh LoRA on the base)."},
+    )
+
+
+def make_parser():
+    from trl import DPOConfig, ModelConfig, TrlParser
+
+    return TrlParser((DPOScriptArguments, DPOConfig, ModelConfig), description=__doc__.split("\n\n")[0])
+
+
+def _base_of(adapter_dir: str) -> str:
+    import json
+    from pathlib import Path
+
+    config = Path(adapter_dir) / "adapter_config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"sft_adapter: {config} not found (run train.sft first, or set sft_adapter: null)")
+    return json.loads(config.read_text())["base_model_name_or_path"]
+
+
+def main(script_args, training_args, model_args):
+    from accelerate import PartialState
+    from peft import PeftModel
+    from trl import DPOTrainer, get_peft_config, get_quantization_config
+
+    from train.data import load_split
+    from train.loss_mask import check_pad_token, check_preference_pairs, use_training_chat_template
+    from train.models import load_model, load_tokenizer, resolve_model_path
+    from train.outputs import (
+        assert_adapter_changed,
+        dataset_sha256,
+        final_metrics,
+        lora_snapshot,
+        resume_checkpoint,
+        save_run,
+    )
+    from train.recipe import resolved_recipe
+    from train.tracking import RecipeToWandb, setup_wandb
+
+    if not model_args.use_peft:
+        raise ValueError("This pipeline trains LoRA adapters: set `use_peft: true` in the recipe.")
+    if not model_args.model_name_or_path:
+        raise ValueError("Set `model_name_or_path` in the recipe (the base model the SFT adapter was trained on).")
+    state = PartialState()
+
+    columns = ("prompt", "chosen", "rejected")
+    dataset = load_split(
+        script_args.dataset_path, "dpo", script_args.dataset_train_split, columns, script_args.max_train_examples
+    )
+    base_path = resolve_model_path(model_args.model_name_or_path)
+    if script_args.sft_adapter:
+        sft_base = _base_of(script_args.sft_adapter)
+        if os.path.realpath(sft_base) != os.path.realpath(base_path) and sft_base != model_args.model_name_or_path:
+            raise ValueError(
+                f"sft_adapter {script_args.sft_adapter} was trained on {sft_base}, "
+                f"but model_name_or_path resolves to {base_path}"
+            )
+        # The tokenizer saved with the adapter carries the exact chat template SFT trained with.
+        tokenizer = load_tokenizer(script_args.sft_adapter)
+    else:
+        tokenizer = load_tokenizer(model_args.model_name_or_path)
+        use_training_chat_template(tokenizer)
+    check_pad_token(tokenizer)
+    check_preference_pairs(dataset, tokenizer, training_args.max_length, training_args.truncation_mode)
+    if script_args.inspect:
+        for row in dataset.select(range(min(script_args.inspect, len(dataset)))):
+            print(f"=== pair {row.get('id', '')} ===")
+            for side in ("chosen", "rejected"):
+                text = tokenizer.apply_chat_template(row["prompt"] + row[side], tokenize=False)
+                print(f"--- {side} ---\n{text}")
+        return None
+
+    setup_wandb(training_args, script_args, "dpo")
+    model = load_model(base_path, dtype=model_args.dtype, quantization_config=get_quantization_config(model_args))
+    peft_config = None
+    if script_args.sft_adapter:
+        model = PeftModel.from_pretrained(model, script_args.sft_adapter, is_trainable=True)
+    else:
+        peft_config = get_peft_config(model_args)
+    resume = resume_checkpoint(training_args.output_dir, training_args.resume_from_checkpoint)
+
+    trainer = DPOTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=dataset.select_columns(list(columns)),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[RecipeToWandb(script_args, model_args)],
+    )
+    if len(trainer.train_dataset) != len(dataset):
+        raise RuntimeError(f"DPOTrainer kept {len(trainer.train_dataset)} of {len(dataset)} pairs; expected all")
+    state.print(
+        f"DPO: {len(dataset)} pairs, reference = {'the SFT adapter' if script_args.sft_adapter else 'the base model'}, "
+        f"{state.num_processes} process(es){f', resuming from {resume}' if resume else ''}"
+    )
+
+    before = lora_snapshot(trainer.model)
+    train_output = trainer.train(resume_from_checkpoint=resume)
+    adapter_check = assert_adapter_changed(
+        before, trainer.model, trainer.state.global_step, fresh=not script_args.sft_adapter
+    )
+    print(f"[rank {state.process_index} of {state.num_processes}] trained {trainer.state.global_step} steps", flush=True)
+
+    manifest = {
+        "stage": "dpo",
+        "base_model": model_args.model_name_or_path,
+        "base_model_path": base_path,
+        "sft_adapter": script_args.sft_adapter,
+        "reference_model": "sft adapter (frozen copy)" if script_args.sft_adapter else "base model",
+        "data": {
+            "path": script_args.dataset_path,
+            "split": script_args.dataset_train_split,
+            "pairs": len(dataset),
+            "sha256": dataset_sha256(dataset),
+        },
+        "resumed_from": resume,
+        "adapter_check": adapter_check,
+        "metrics": final_metrics(trainer, train_output),
+    }
+    save_run(trainer, resolved_recipe(script_args, training_args, model_args), manifest)
+    state.print(f"Saved adapter to {training_args.output_dir}")
+    trainer.end()
+    return training_args.output_dir
+
+
+if __name__ == "__main__":
+    from train.recipe import RecipeError, parse_recipe
+
+    try:
+        args = parse_recipe(make_parser())
+    except RecipeError as err:
+        sys.exit(f"error: {err}")
+    main(*args)

@@ -1,0 +1,129 @@
+"""What a training stage leaves in its output_dir, and the checks made before writing it.
+
+`<output_dir>/`: the PEFT adapter, the tokenizer with the exact chat template used in training,
+`recipe.yaml` (the resolved recipe: re-run it with `--config`), and `training_manifest.json` (base
+model, data hash, versions, final metrics). Intermediate `checkpoint-*` folders allow a killed run
+to resume where it stopped.
+"""
+
+import hashlib
+import json
+import platform
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from transformers.trainer_utils import get_last_checkpoint
+
+MANIFEST = "training_manifest.json"
+
+
+def dataset_sha256(dataset) -> str:
+    """Hash of the rows (in order, all columns) that the stage trains on."""
+    h = hashlib.sha256()
+    for row in dataset:
+        h.update(json.dumps(row, sort_keys=True, ensure_ascii=False, default=str).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def resume_checkpoint(output_dir: str, resume_from_checkpoint) -> str | None:
+    """The checkpoint to resume from: an explicit path, else the last one in output_dir.
+
+    A run killed mid-training picks up where it stopped when started again with the same output_dir.
+    A finished run (manifest present) is trained again from scratch and its stale checkpoints removed,
+    so that they cannot be mistaken for this run's.
+    """
+    if isinstance(resume_from_checkpoint, str) and resume_from_checkpoint.lower() not in ("true", "false"):
+        if not Path(resume_from_checkpoint).is_dir():
+            raise FileNotFoundError(f"resume_from_checkpoint: {resume_from_checkpoint} is not a directory")
+        return resume_from_checkpoint
+    explicit = resume_from_checkpoint is True or str(resume_from_checkpoint).lower() == "true"
+    out = Path(output_dir)
+    last = get_last_checkpoint(str(out)) if out.is_dir() else None
+    if explicit and last is None:
+        raise FileNotFoundError(f"resume_from_checkpoint is true but {output_dir} holds no checkpoint-* folder")
+    if last is not None and (out / MANIFEST).exists() and not explicit:
+        for stale in out.glob("checkpoint-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        return None
+    return last
+
+
+def lora_snapshot(model) -> dict[str, torch.Tensor]:
+    """Copies of the trainable adapter tensors ("default" adapter; TRL's frozen "ref" copy excluded)."""
+    return {
+        name: p.detach().float().cpu().clone()
+        for name, p in model.named_parameters()
+        if "lora_" in name and ".ref." not in name and p.numel() > 0
+    }
+
+
+def assert_adapter_changed(before: dict[str, torch.Tensor], model, optimizer_steps: int, fresh: bool = True) -> dict:
+    """Fail loudly when LoRA tensors did not move (e.g. gradients never reached the adapter).
+
+    With a fresh adapter lora_B starts at zero, so lora_A gets no gradient on the first step: after
+    a single optimizer step of a `fresh` adapter only lora_B tensors are required to change.
+    """
+    after = lora_snapshot(model)
+    if not before:
+        return {"checked": 0, "note": "adapter parameters are sharded on this rank; check skipped"}
+    unchanged = [n for n, t in before.items() if n in after and torch.equal(t, after[n])]
+    required = [n for n in unchanged if not fresh or optimizer_steps >= 2 or "lora_A" not in n]
+    if required:
+        raise RuntimeError(
+            f"{len(required)} of {len(before)} LoRA tensors did not change during training "
+            f"({optimizer_steps} optimizer steps), e.g. {required[0]}. The adapter did not train: check that "
+            "gradients reach it (gradient checkpointing needs input grads) and that the learning rate is > 0."
+        )
+    return {"checked": len(before), "unchanged": len(unchanged)}
+
+
+def library_versions() -> dict:
+    import accelerate
+    import datasets
+    import peft
+    import transformers
+    import trl
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl.__version__,
+        "peft": peft.__version__,
+        "accelerate": accelerate.__version__,
+        "datasets": datasets.__version__,
+    }
+
+
+def final_metrics(trainer, train_output) -> dict:
+    metrics = dict(train_output.metrics)
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    if losses:
+        metrics["final_logged_loss"] = losses[-1]
+        metrics["first_logged_loss"] = losses[0]
+    metrics["global_step"] = trainer.state.global_step
+    return metrics
+
+
+def save_run(trainer, recipe: dict, manifest: dict) -> None:
+    """Save adapter, tokenizer (with its chat template), recipe.yaml and the manifest; rank 0 writes."""
+    out = Path(trainer.args.output_dir)
+    trainer.save_model(str(out))  # every rank must call it (gathers sharded weights); only rank 0 writes
+    if not trainer.is_world_process_zero():
+        return
+    # DPO's frozen reference copy ("ref") is saved in a subfolder; the published adapter is "default" only.
+    shutil.rmtree(out / "ref", ignore_errors=True)
+    trainer.processing_class.save_pretrained(str(out))
+    (out / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    manifest = {
+        **manifest,
+        "chat_template_sha256": hashlib.sha256((trainer.processing_class.chat_template or "").encode()).hexdigest(),
+        "versions": library_versions(),
+        "world_size": trainer.args.world_size,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")

@@ -1,0 +1,193 @@
+"""YAML recipes: TRL-style configs checked against their dataclasses before anything heavy runs.
+
+A recipe is a flat YAML mapping whose keys are fields of the stage's dataclasses (our script
+arguments, TRL's `SFTConfig`/`DPOConfig`, TRL's `ModelConfig`), read by `TrlParser` with CLI overrides
+on top. `TrlParser` turns YAML values into argparse defaults without checking them and its errors do
+not name the file, so `validate_recipe` checks every key and value first and names file and key.
+"""
+
+import dataclasses
+import difflib
+import enum
+import sys
+import types
+import typing
+import warnings
+from pathlib import Path
+
+import yaml
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be run: the message names the file and the key."""
+
+
+@dataclasses.dataclass
+class ScriptArguments:
+    """Arguments of our training scripts that are not TRL's (TRL's live in SFTConfig/DPOConfig/ModelConfig)."""
+
+    dataset_path: str = dataclasses.field(
+        default="runs/quickstart/data",
+        metadata={"help": "Directory written by `python -m data_gen` (holds sft/ and dpo/ dataset folders)."},
+    )
+    dataset_train_split: str = dataclasses.field(default="train", metadata={"help": "Split to train on."})
+    max_train_examples: int | None = dataclasses.field(
+        default=None, metadata={"help": "Use only the first N training examples (quick experiments)."}
+    )
+    experiment: str | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "Experiment name: groups the W&B runs of all stages (default: the name of output_dir's parent)."
+        },
+    )
+    wandb_project: str = dataclasses.field(default="persona-pipeline", metadata={"help": "W&B project."})
+    inspect: int = dataclasses.field(
+        default=0,
+        metadata={"help": "Print the first N examples token by token with their labels, then exit without training."},
+    )
+
+
+def _type_ok(value, tp) -> bool:
+    """Whether a YAML value can fill a field annotated `tp` (unknown annotations are accepted)."""
+    if tp is typing.Any:
+        return True
+    if tp is type(None):
+        return value is None
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, arg) for arg in typing.get_args(tp))
+    if origin is typing.Literal:
+        return value in typing.get_args(tp)
+    if origin in (list, tuple):
+        args = typing.get_args(tp)
+        return isinstance(value, list) and all(_type_ok(v, args[0]) for v in value) if args else isinstance(value, list)
+    if origin is dict or tp is dict:
+        return isinstance(value, dict)
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return isinstance(value, str) and value in {m.value for m in tp}
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads `2e-4` as a string; TrlParser converts it, so accept it
+            try:
+                float(value)
+                return True
+            except ValueError:
+                return False
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    return True
+
+
+# Fields accepted more loosely than their annotation says: `resume_from_checkpoint: true` resumes from
+# the last checkpoint in output_dir (annotated as a path), and TRL's own recipes write
+# `lora_target_modules: all-linear` (annotated as a list; PEFT takes the string).
+_TYPE_OVERRIDES = {"resume_from_checkpoint": str | bool | None, "lora_target_modules": list[str] | str | None}
+
+
+def _type_name(tp) -> str:
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return "one of " + ", ".join(repr(m.value) for m in tp)
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def validate_recipe(path: str | Path, dataclass_types) -> dict:
+    """Load a recipe and check every key and value against `dataclass_types`; return the mapping.
+
+    Raises RecipeError naming the file and the offending key (with a close match for typos).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(config, dict):
+        raise RecipeError(f"{path}: a recipe must be a YAML mapping of field: value")
+    fields = {}
+    for cls in dataclass_types:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.init:
+                fields.setdefault(f.name, (cls.__name__, _TYPE_OVERRIDES.get(f.name, hints[f.name])))
+    for key, value in config.items():
+        if key == "env":
+            if not isinstance(value, dict):
+                raise RecipeError(f"{path}: key 'env' must be a mapping of environment variables")
+            continue
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            owners = ", ".join(c.__name__ for c in dataclass_types)
+            raise RecipeError(f"{path}: unknown key '{key}' (not a field of {owners}){hint}")
+        owner, tp = fields[key]
+        if not _type_ok(value, tp):
+            raise RecipeError(
+                f"{path}: key '{key}' has value {value!r} ({type(value).__name__}), "
+                f"expected {_type_name(tp)} ({owner}.{key})"
+            )
+    return config
+
+
+def config_path_from_argv(argv: list[str]) -> str | None:
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            raise RecipeError("--config needs a path to a YAML recipe")
+        return argv[i + 1]
+    return None
+
+
+def parse_recipe(parser, argv: list[str] | None = None):
+    """Validate the `--config` recipe, then parse it plus CLI overrides with `parser` (a TrlParser)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config_path = config_path_from_argv(argv)
+    if config_path is not None:
+        validate_recipe(config_path, parser.dataclass_types)
+    return parser.parse_args_and_config(argv)
+
+
+def _as_plain(value):
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, dict):
+        return {k: _as_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [_as_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def _default(f):
+    if f.default is not dataclasses.MISSING:
+        return _as_plain(f.default)
+    if f.default_factory is not dataclasses.MISSING:
+        return _as_plain(f.default_factory())
+    return dataclasses.MISSING
+
+
+_NEVER_WRITTEN = {"hub_token"}  # secrets stay out of saved recipes
+
+
+def resolved_recipe(*configs) -> dict:
+    """Every field whose value differs from its dataclass default, as one flat recipe mapping.
+
+    Feeding the result back with `--config` reproduces the run. Secrets (hub_token) are never written.
+    """
+    out = {}
+    for cfg in configs:
+        for f in dataclasses.fields(cfg):
+            if not f.init or f.name in _NEVER_WRITTEN:
+                continue
+            with warnings.catch_warnings():  # deprecated aliases warn on access
+                warnings.simplefilter("ignore")
+                value = getattr(cfg, f.name)
+            value = _as_plain(value.to_dict() if hasattr(value, "to_dict") else value)
+            if f.name == "output_dir" or value != _default(f):
+                out[f.name] = value
+    return out

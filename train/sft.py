@@ -1,0 +1,134 @@
+"""LoRA SFT on the trait conversations, with loss on assistant tokens only.
+
+    accelerate launch --config_file recipes/accelerate_configs/cpu.yaml -m train.sft \\
+        --config recipes/quickstart/sft.yaml [--learning_rate 1e-4 ...]
+    python -m train.sft --config recipes/quickstart/sft.yaml --inspect 2   # show tokens and labels, no training
+
+The recipe's keys are fields of ScriptArguments (train/recipe.py), TRL's SFTConfig and TRL's
+ModelConfig; CLI flags override them. A run killed mid-way resumes from the last checkpoint in
+output_dir when started again.
+"""
+
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")  # TRL pings telemetry when a trainer is created
+
+
+def make_parser():
+    from trl import ModelConfig, SFTConfig, TrlParser
+
+    from train.recipe import ScriptArguments
+
+    return TrlParser((ScriptArguments, SFTConfig, ModelConfig), description=__doc__.split("\n\n")[0])
+
+
+def main(script_args, training_args, model_args):
+    from accelerate import PartialState
+    from trl import SFTTrainer, get_peft_config, get_quantization_config
+
+    from train.data import load_split
+    from train.loss_mask import check_pad_token, check_trainable_tokens, format_token_view, use_training_chat_template
+    from train.models import load_model, load_tokenizer, resolve_model_path
+    from train.outputs import assert_adapter_changed, dataset_sha256, lora_snapshot, resume_checkpoint, save_run
+    from train.recipe import resolved_recipe
+    from train.tracking import RecipeToWandb, setup_wandb
+
+    if not model_args.use_peft:
+        raise ValueError("This pipeline trains LoRA adapters: set `use_peft: true` in the recipe.")
+    if not model_args.model_name_or_path:
+        raise ValueError("Set `model_name_or_path` in the recipe (e.g. smollm2-135m-instruct).")
+    state = PartialState()  # binds each process to its device before the model loads (no device_map under DDP)
+
+    dataset = load_split(
+        script_args.dataset_path, "sft", script_args.dataset_train_split, ("messages",), script_args.max_train_examples
+    )
+    tokenizer = load_tokenizer(model_args.model_name_or_path)
+    check_pad_token(tokenizer)
+    assistant_only = training_args.assistant_only_loss
+    if assistant_only:
+        use_training_chat_template(tokenizer, training_args.chat_template_path)
+        training_args.chat_template_path = None  # already applied; TRL would otherwise reload it
+    mask_args = (tokenizer, training_args.max_length, training_args.truncation_mode, assistant_only)
+    if script_args.inspect:
+        for row in dataset.select(range(min(script_args.inspect, len(dataset)))):
+            print(f"=== example {row.get('id', '')} ===")
+            print(format_token_view(mask_args[0], row["messages"], *mask_args[1:]))
+        return None
+    trainable_tokens = check_trainable_tokens(dataset, *mask_args)
+
+    setup_wandb(training_args, script_args, "sft")
+    base_path = resolve_model_path(model_args.model_name_or_path)
+    model = load_model(base_path, dtype=model_args.dtype, quantization_config=get_quantization_config(model_args))
+    resume = resume_checkpoint(training_args.output_dir, training_args.resume_from_checkpoint)
+
+    trainer = SFTTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=dataset.select_columns(["messages"]),
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+        callbacks=[RecipeToWandb(script_args, model_args)],
+    )
+    _check_prepared_labels(trainer, dataset, mask_args)
+    state.print(
+        f"SFT: {len(dataset)} examples, {trainable_tokens} trainable tokens, "
+        f"{state.num_processes} process(es){f', resuming from {resume}' if resume else ''}"
+    )
+
+    before = lora_snapshot(trainer.model)
+    train_output = trainer.train(resume_from_checkpoint=resume)
+    adapter_check = assert_adapter_changed(before, trainer.model, trainer.state.global_step)
+    # One line per process, so a multi-process run shows that every rank trained.
+    print(f"[rank {state.process_index} of {state.num_processes}] trained {trainer.state.global_step} steps", flush=True)
+
+    from train.outputs import final_metrics
+
+    manifest = {
+        "stage": "sft",
+        "base_model": model_args.model_name_or_path,
+        "base_model_path": base_path,
+        "data": {
+            "path": script_args.dataset_path,
+            "split": script_args.dataset_train_split,
+            "examples": len(dataset),
+            "trainable_tokens": trainable_tokens,
+            "sha256": dataset_sha256(dataset),
+        },
+        "resumed_from": resume,
+        "adapter_check": adapter_check,
+        "metrics": final_metrics(trainer, train_output),
+    }
+    save_run(trainer, resolved_recipe(script_args, training_args, model_args), manifest)
+    state.print(f"Saved adapter to {training_args.output_dir}")
+    trainer.end()
+    return training_args.output_dir
+
+
+def _check_prepared_labels(trainer, dataset, mask_args) -> None:
+    """TRL prepares labels itself; make sure it kept every example and masked them as we checked."""
+    args = trainer.args
+    if args.packing or "labels" not in trainer.train_dataset.column_names:
+        return
+    from train.loss_mask import label_conversation
+
+    prepared = trainer.train_dataset
+    if len(prepared) != len(dataset):
+        raise RuntimeError(f"SFTTrainer kept {len(prepared)} of {len(dataset)} examples; expected all of them")
+    if not args.shuffle_dataset:
+        for i in range(min(8, len(dataset))):
+            _, labels = label_conversation(mask_args[0], dataset[i]["messages"], *mask_args[1:])
+            if list(prepared[i]["labels"]) != labels:
+                raise RuntimeError(
+                    f"SFTTrainer's labels for example {dataset[i].get('id', i)} differ from the checked loss mask"
+                )
+
+
+if __name__ == "__main__":
+    from train.recipe import RecipeError, parse_recipe
+
+    try:
+        args = parse_recipe(make_parser())
+    except RecipeError as err:
+        sys.exit(f"error: {err}")
+    main(*args)
