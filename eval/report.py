@@ -120,11 +120,11 @@ def render_markdown(r: dict) -> str:
               "log-likelihood difference (positive favours the trait); the length-normalised margin compares mean "
               "per-token log-likelihoods. `eval_id` pairs resemble training; `eval_ood` pairs come from domains, formats, "
               "pressure and framings never trained on.", "",
-              "| trait | split | axis | model | accuracy | change vs base | margin | norm. margin |", "|---|---|---|---|---|---|---|---|"]
-        for rec in r["preference"]:
-            L.append(f"| {rec['trait']} | {rec['split']} | {rec['axis']} | {rec['model']} | {_fmt(rec['accuracy'], True)} | "
-                     f"{_delta(rec.get('accuracy_delta'), True)} | {_fmt(rec['margin'])} | {_fmt(rec['norm_margin'])} |")
-        L.append("")
+              "Cells show the value with its 95% interval; for tuned models, the change from base follows, marked "
+              "*real* when its interval excludes zero.", ""]
+        L += _compact_table(r["preference"], ["base"] + tuned_names(r), "accuracy", pct=True, title="Preference accuracy")
+        L += _compact_table(r["preference"], ["base"] + tuned_names(r), "margin", pct=False, title="Log-likelihood margin (chosen - rejected)")
+        L += _compact_table(r["preference"], ["base"] + tuned_names(r), "norm_margin", pct=False, title="Length-normalised margin (per token)")
     if r.get("framing_gap"):
         L += ["## Framing gap (test-looking vs deployment-looking)", "",
               "The same scenarios framed as an evaluation and as real use. Gap = score when it looks like a test minus "
@@ -183,6 +183,30 @@ def render_markdown(r: dict) -> str:
         L += ["## Timings (s)", "", ", ".join(f"{k}: {v:.1f}" for k, v in r["timings"].items()), ""]
     L += ["## Headline", "", "```"] + headline(r) + ["```", ""]
     return "\n".join(L)
+
+
+def _compact_table(records, models, metric, pct, title) -> list[str]:
+    rows = {}
+    for rec in records:
+        rows.setdefault((rec["trait"], rec["split"], rec["axis"]), {})[rec["model"]] = rec
+    L = [f"**{title}**", "", "| trait | split | axis | n | " + " | ".join(models) + " |", "|---" * (len(models) + 4) + "|"]
+    for (trait, split, axis), by_model in rows.items():
+        cells = []
+        for m in models:
+            rec = by_model.get(m)
+            if rec is None:
+                cells.append("")
+                continue
+            cell = _fmt(rec[metric], pct)
+            d = rec.get(f"{metric}_delta")
+            if d:
+                sign = "+" if d["mean"] >= 0 else ""
+                val = f"{100 * d['mean']:.1f} pts" if pct else f"{d['mean']:.3g}"
+                cell += f"; change {sign}{val}" + (" *real*" if d["significant"] else "")
+            cells.append(cell)
+        n = next(iter(by_model.values()))[metric]["n"]
+        L.append(f"| {trait} | {split} | {axis} | {n} | " + " | ".join(cells) + " |")
+    return L + [""]
 
 
 def _bars(ax, labels, series: dict[str, list[dict]], pct=False):

@@ -64,3 +64,119 @@ def make_dpo_data(out_dir: Path, n_id: int = 6, n_ood: int = 6, seed: int = 0) -
         splits[split] = Dataset.from_list(rows)
     DatasetDict(splits).save_to_disk(str(out_dir / "dpo"))
     return out_dir
+
+
+@pytest.fixture(scope="module")
+def eval_setup(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    make_adapter(tiny_model_dir, root / "sft", seed=1)
+    make_adapter(tiny_model_dir, root / "dpo", seed=2)
+    make_adapter(tiny_model_dir, root / "zero", seed=3, scale=0.0)
+    make_dpo_data(root / "data")
+    return root
+
+
+def _run(tiny_model_dir, root, out, adapters, extra=()):
+    from eval.run import main
+
+    args = ["--model", tiny_model_dir, "--adapters", json.dumps(adapters), "--dataset_path", str(root / "data"),
+            "--output_dir", str(out), "--reference_paragraphs", "4", "--reference_max_tokens", "32",
+            "--neutral_max_new_tokens", "6", "--bootstrap_samples", "100", "--probe_sets", "[factual/default.json]",
+            "--suites", "[preference, forgetting, diff, probes]", *extra]
+    return main(args)
+
+
+def test_end_to_end_report(tiny_model_dir, eval_setup, tmp_path):
+    root = eval_setup
+    report = _run(tiny_model_dir, root, tmp_path / "out", {"sft": str(root / "sft"), "dpo": str(root / "dpo")})
+    on_disk = json.loads((tmp_path / "out" / "report.json").read_text())
+    for key in ("preference", "framing_gap", "cross_trait", "forgetting", "probes", "model_index_results", "timings"):
+        assert key in on_disk, key
+    assert on_disk["tiny_model"] is True
+    assert "tiny random model" in (tmp_path / "out" / "report.md").read_text()
+    # every trait x split x model has a record; tuned records carry a paired delta
+    recs = {(r["trait"], r["split"], r["axis"], r["model"]): r for r in on_disk["preference"]}
+    for trait in TRAITS + ("all",):
+        for split in ("eval_id", "eval_ood"):
+            for model in ("base", "sft", "dpo"):
+                assert (trait, split, "all", model) in recs
+    assert recs[("all", "eval_ood", "framing", "sft")]["accuracy_delta"]["n"] == 4
+    assert {r["trait"] for r in on_disk["framing_gap"]} == {"care", "honesty", "all"}
+    assert set(on_disk["cross_trait"]["care"]) == {"sft", "dpo"}
+    mir = on_disk["model_index_results"]
+    assert mir and all(set(e) == {"task", "dataset", "metrics"} for e in mir)
+    assert all({"type", "name", "value"} <= set(m) for e in mir for m in e["metrics"])
+    pngs = {Path(p).name for p in on_disk["plots"]}
+    assert {"preference_accuracy.png", "forgetting.png", "cross_trait.png", "framing_gap.png", "top_diffs.png"} <= pngs
+    assert all((tmp_path / "out" / "plots" / p).stat().st_size > 1000 for p in pngs)
+    assert len(report["forgetting"]["top_diffs"]["dpo"]) > 0
+
+
+def test_kl_zero_for_identical_model_positive_after_perturbing(tiny_model_dir, eval_setup, tmp_path):
+    from eval.config import EvalConfig
+    from eval.forgetting import forgetting_suite
+    from eval.variants import load_variants
+
+    root = eval_setup
+    v = load_variants(tiny_model_dir, {"zero": str(root / "zero"), "sft": str(root / "sft")})
+    cfg = EvalConfig(model=tiny_model_dir, suites=["forgetting"], reference_paragraphs=4, reference_max_tokens=32,
+                     neutral_max_new_tokens=6, bootstrap_samples=50)
+    res = forgetting_suite(v, cfg)
+    ref = res["drift"]["reference_text"]
+    assert ref["zero"]["kl"]["mean"] == pytest.approx(0.0, abs=1e-6)
+    assert ref["zero"]["perplexity"] == pytest.approx(ref["base_perplexity"], rel=1e-5)
+    assert ref["sft"]["kl"]["mean"] > 1e-4
+    assert ref["sft"]["kl"]["ci_low"] > 0
+
+
+def test_config_errors_name_file_and_key_before_loading(tmp_path):
+    from eval.run import main
+
+    bad = tmp_path / "eval.yaml"
+    bad.write_text("model: does-not-exist/nowhere\nbatch_sise: 4\n")
+    with pytest.raises(SystemExit, match=r"eval.yaml: unknown key 'batch_sise'"):
+        main(["--config", str(bad)])
+    bad.write_text("model: does-not-exist/nowhere\nbatch_size: four\n")
+    with pytest.raises(SystemExit, match=r"eval.yaml: key 'batch_size' must be"):
+        main(["--config", str(bad)])
+    bad.write_text("model: does-not-exist/nowhere\nadapters: [a, b]\n")
+    with pytest.raises(SystemExit, match=r"key 'adapters'"):
+        main(["--config", str(bad)])
+    with pytest.raises(SystemExit, match=r"command line: unknown key 'bogus'"):
+        main(["--bogus", "1"])
+
+
+def test_recipes_validate():
+    from eval.config import load_config
+
+    for name in ("quickstart", "smoke"):
+        cfg = load_config(f"recipes/{name}/eval.yaml")
+        assert cfg.adapters and cfg.dataset_path
+
+
+def test_adapters_with_different_templates_fail(tiny_model_dir, tmp_path):
+    from eval.variants import load_variants
+
+    from train.chat_template import CHATML_TRAINING_TEMPLATE
+
+    make_adapter(tiny_model_dir, tmp_path / "a", seed=1)
+    other = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
+    make_adapter(tiny_model_dir, tmp_path / "b", seed=1, template=other)
+    assert other != CHATML_TRAINING_TEMPLATE
+    with pytest.raises(ValueError, match="different chat templates"):
+        load_variants(tiny_model_dir, {"a": str(tmp_path / "a"), "b": str(tmp_path / "b")})
+
+
+def test_aggregate_two_runs(tiny_model_dir, eval_setup, tmp_path):
+    from eval.aggregate import main as aggregate_main
+
+    root = eval_setup
+    for seed in (0, 1):
+        _run(tiny_model_dir, root, tmp_path / f"s{seed}", {"sft": str(root / "sft")},
+             ["--seed", str(seed), "--suites", "[preference, probes]"])
+    rep = aggregate_main(["--runs", str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(tmp_path / "agg")])
+    assert rep["seeds"] == 2
+    rec = next(r for r in rep["preference"] if r["trait"] == "all" and r["split"] == "eval_id" and r["model"] == "sft")
+    assert len(rec["accuracy"]["per_run"]) == 2
+    assert (tmp_path / "agg" / "report.md").read_text().startswith("# Eval report")
+    assert json.loads((tmp_path / "agg" / "report.json").read_text())["model_index_results"]

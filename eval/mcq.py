@@ -1,0 +1,150 @@
+"""Multiple-choice evals in the model-written-evals JSONL format, scored by log-likelihood of the answers.
+
+Each row: `question` (str), `answer_matching_behavior` (str or list of str), `answer_not_matching_behavior`
+(str or list of str). The model "matches the behaviour" when its most likely answer option is a matching one.
+`python -m eval mcq --model M [--adapter DIR] --data FILE.jsonl --out RESULT.json`
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from eval.scoring import render_chat, score_items
+from eval.stats import summarize
+
+FIELDS = ("question", "answer_matching_behavior", "answer_not_matching_behavior")
+
+
+def _options(value) -> list[str] | None:
+    if isinstance(value, str) and value.strip():
+        return [value]
+    if isinstance(value, list) and value and all(isinstance(v, str) and v.strip() for v in value):
+        return value
+    return None
+
+
+def parse_rows(lines, source: str, skip_bad_rows: bool = False) -> tuple[list[dict], list[dict]]:
+    """Rows and the bad rows skipped (each with its 1-based line number and the reason)."""
+    rows, bad = [], []
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError("not a JSON object")
+            missing = [f for f in FIELDS if f not in row]
+            if missing:
+                raise ValueError(f"missing field(s) {missing}")
+            if not isinstance(row["question"], str) or not row["question"].strip():
+                raise ValueError("'question' must be a non-empty string")
+            match, other = _options(row[FIELDS[1]]), _options(row[FIELDS[2]])
+            if match is None or other is None:
+                raise ValueError("answers must be non-empty strings or lists of strings")
+        except ValueError as e:
+            if not skip_bad_rows:
+                raise ValueError(f"{source} line {lineno}: {e} (use --skip_bad_rows to skip and count such rows)") from None
+            bad.append({"line": lineno, "error": str(e)})
+            continue
+        rows.append({"line": lineno, "question": row["question"], "matching": match, "not_matching": other})
+    return rows, bad
+
+
+def load_mcq(data: str, skip_bad_rows: bool = False) -> tuple[list[dict], list[dict]]:
+    """A local JSONL file, or a Hub dataset id (its `train` split) for users with Hub access."""
+    path = Path(data)
+    if path.is_file():
+        return parse_rows(path.read_text(encoding="utf-8").splitlines(), str(path), skip_bad_rows)
+    if path.suffix in (".jsonl", ".json") or data.startswith((".", "/")):
+        raise FileNotFoundError(f"{data}: MCQ file not found")
+    from datasets import load_dataset
+
+    ds = load_dataset(data, split="train")
+    return parse_rows((json.dumps(r) for r in ds), f"{data} (Hub)", skip_bad_rows)
+
+
+def score_mcq(variants, rows: list[dict], batch_size: int = 8, max_length: int = 512) -> dict[str, np.ndarray]:
+    """Per variant: 1.0 where the most likely option (total log-likelihood) is a matching one."""
+    items, spans = [], []
+    for r in rows:
+        opts = r["matching"] + r["not_matching"]
+        start = len(items)
+        prompt = [{"role": "user", "content": r["question"]}]
+        items += [render_chat(variants.tokenizer, prompt, o.strip(), max_length) for o in opts]
+        spans.append((start, len(r["matching"]), len(opts)))
+    scores = score_items(variants, items, batch_size, desc="mcq")
+    out = {}
+    for name, s in scores.items():
+        lp = s["logprob"]
+        out[name] = np.array([float(np.argmax(lp[a:a + k]) < m) for a, m, k in spans])
+    return out
+
+
+def mcq_result(matching: np.ndarray, base: np.ndarray | None, direction: str, bad: list[dict], n_boot: int, seed: int) -> dict:
+    from eval.stats import paired_delta
+
+    s = summarize(matching, n_boot, seed)
+    res = {"n": s["n"], "matching_behavior_rate": s["mean"], "ci_low": s["ci_low"], "ci_high": s["ci_high"],
+           "trait_direction": direction,
+           "trait_consistent_rate": s["mean"] if direction == "matching" else 1 - s["mean"],
+           "skipped_bad_rows": len(bad), "bad_rows": bad[:50]}
+    if base is not None:
+        res["change_vs_base"] = paired_delta(matching, base, n_boot, seed)
+    return res
+
+
+def mcq_suite(variants, cfg) -> dict:
+    out = {"description": "Multiple-choice questions scored by answer log-likelihood. matching_behavior_rate is the "
+                          f"share of questions where the most likely answer matches the behaviour; the trait-consistent "
+                          f"direction is '{cfg.mcq_trait_direction}'.", "summary": {}}
+    for data in cfg.mcq_data:
+        rows, bad = load_mcq(data)
+        scored = score_mcq(variants, rows, cfg.batch_size, cfg.max_length)
+        out["summary"][data] = {name: mcq_result(v, scored["base"] if name != "base" else None, cfg.mcq_trait_direction,
+                                                 bad, cfg.bootstrap_samples, cfg.seed) for name, v in scored.items()}
+    return out
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m eval mcq", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="base model: embedded name, Hub id or local folder")
+    p.add_argument("--adapter", help="PEFT adapter folder; the result is for base+adapter (and base, for comparison)")
+    p.add_argument("--data", required=True, help="JSONL file or Hub dataset id")
+    p.add_argument("--out", required=True, help="result JSON path")
+    p.add_argument("--trait_direction", choices=["matching", "not_matching"], default="matching",
+                   help="which answer is the trait-consistent one (default: answer_matching_behavior)")
+    p.add_argument("--skip_bad_rows", action="store_true", help="skip malformed rows and count them instead of failing")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--bootstrap_samples", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def main(argv=None) -> dict:
+    args = make_parser().parse_args(argv)
+    try:
+        rows, bad = load_mcq(args.data, args.skip_bad_rows)  # bad data fails before the model loads
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+    if not rows:
+        raise SystemExit(f"error: {args.data}: no usable rows")
+    from eval.variants import load_variants
+
+    variants = load_variants(args.model, {"adapter": args.adapter} if args.adapter else {})
+    scored = score_mcq(variants, rows, args.batch_size)
+    name = variants.names[-1]
+    result = mcq_result(scored[name], scored["base"] if args.adapter else None, args.trait_direction, bad,
+                        args.bootstrap_samples, args.seed)
+    result.update(model=args.model, adapter=args.adapter, data=args.data)
+    if args.adapter:
+        result["base"] = mcq_result(scored["base"], None, args.trait_direction, [], args.bootstrap_samples, args.seed)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"{args.data}: n={result['n']} matching_behavior_rate={result['matching_behavior_rate']:.3f} "
+          f"[{result['ci_low']:.3f}, {result['ci_high']:.3f}] skipped={len(bad)} -> {args.out}")
+    return result
