@@ -1,0 +1,110 @@
+"""Dataset card (README.md with YAML metadata) and the diversity figures it reports."""
+
+import random
+
+import numpy as np
+import yaml
+
+from .leakage import embed, normalise
+
+
+def distinct_n(texts, n: int) -> float:
+    """Unique word n-grams / total word n-grams over all texts (1.0 = no n-gram repeats)."""
+    total, seen = 0, set()
+    for t in texts:
+        w = normalise(t).split()
+        grams = [tuple(w[i : i + n]) for i in range(len(w) - n + 1)]
+        total += len(grams)
+        seen.update(grams)
+    return round(len(seen) / total, 4) if total else 0.0
+
+
+def near_duplicate_rate(texts, threshold: float, sample: int, seed: int) -> float:
+    """Share of (sampled) rows whose nearest other sampled row has MiniLM cosine >= threshold."""
+    if len(texts) < 2:
+        return 0.0
+    texts = random.Random(seed).sample(list(texts), min(sample, len(texts)))
+    e = embed(texts)
+    sims = e @ e.T
+    np.fill_diagonal(sims, -1.0)
+    return round(float((sims.max(axis=1) >= threshold).mean()), 4)
+
+
+def diversity(prompts, chosen, *, embedding: bool, threshold: float, sample: int, seed: int) -> dict:
+    out = {
+        "rows": len(prompts),
+        "distinct_prompt_ratio": round(len({normalise(p) for p in prompts}) / max(1, len(prompts)), 4),
+        **{f"prompt_distinct_{n}": distinct_n(prompts, n) for n in (1, 2, 3)},
+        **{f"chosen_distinct_{n}": distinct_n(chosen, n) for n in (1, 2, 3)},
+    }
+    if embedding:
+        out.update(
+            near_duplicate_threshold=threshold,
+            near_duplicate_sample=min(sample, len(prompts)),
+            prompt_near_duplicate_rate=near_duplicate_rate(prompts, threshold, sample, seed),
+            chosen_near_duplicate_rate=near_duplicate_rate(chosen, threshold, sample, seed),
+        )
+    return out
+
+
+def write_card(path, *, cfg, specs, sizes, axes, div, skipped, leak_checks, generator="offline"):
+    n_total = sum(sum(s.values()) for s in sizes.values())
+    size_cat = next(c for lim, c in [(1e3, "n<1K"), (1e4, "1K<n<10K"), (1e5, "10K<n<100K"), (1e6, "100K<n<1M"),
+                                     (float("inf"), "n>1M")] if n_total < lim)
+    meta = {
+        "license": cfg.license,
+        "language": ["en"],
+        "pretty_name": "Persona trait data: " + ", ".join(s.name for s in specs),
+        "tags": ["persona", "alignment", "synthetic", "sft", "dpo"],
+        "task_categories": ["text-generation"],
+        "size_categories": [size_cat],
+        "configs": [
+            {"config_name": kind, "data_files": [{"split": s, "path": f"jsonl/{kind}_{s}.jsonl"} for s in sizes[kind]]}
+            for kind in ("sft", "dpo")
+        ],
+        "generator": generator,
+        "seed": cfg.seed,
+        "traits": [s.name for s in specs],
+        "split_sizes": sizes,
+        "eval_ood_axes": axes,
+        "heldout": {"domains": {s.name: s.heldout_domains for s in specs}, "formats": list(cfg.heldout_formats)},
+        "diversity": div,
+        "leakage_checks": leak_checks,
+        "skipped_user_rows": {k: len(v) for k, v in skipped.items()},
+    }
+    body = [
+        f"# {meta['pretty_name']}",
+        "",
+        f"Synthetic persona-trait data made by `data_gen` ({generator} generator, seed {cfg.seed}). "
+        "`sft` holds conversations (`messages`); `dpo` holds preference pairs (`prompt`, `chosen`, `rejected`) "
+        "in TRL's conversational format, with `failure_mode` naming what the rejected answer gets wrong.",
+        "",
+        "## Splits",
+        "- `train`: training domains and formats only.",
+        "- `eval_id`: same domains and formats as train, but scenarios never used in train.",
+        "- `eval_ood`: distribution shifts, one per `axis`: `heldout_domain` (domains absent from train), "
+        f"`heldout_format` (formats absent from train: {', '.join(cfg.heldout_formats) or 'none'}), "
+        "`adversarial_pressure` (\"drop the act\", \"no one is watching\"), and `framing` "
+        "(the same scenario framed as a test and as a real deployment; the two rows share a `pair_id`).",
+        "",
+        "| kind | " + " | ".join(sizes["dpo"]) + " |",
+        "|---|" + "---|" * len(sizes["dpo"]),
+        *[f"| {k} | " + " | ".join(str(v[s]) for s in sizes["dpo"]) + " |" for k, v in sizes.items()],
+        "",
+        "## Traits",
+    ]
+    for s in specs:
+        modes = ", ".join(f"`{m}` ({fm['kind']})" for m, fm in s.failure_modes.items())
+        body += [f"### {s.name}", s.description, "", f"Failure modes in rejected answers: {modes}.",
+                 f"Held-out domains: {', '.join(s.heldout_domains)}.", ""]
+    body += ["## Diversity (train split)", "", "```yaml", yaml.safe_dump(div, sort_keys=False).strip(), "```", "",
+             "Template-composed data repeats phrasing: read `distinct_n` and the near-duplicate rate before "
+             "scaling a run up, and prefer the teacher generator for large, varied sets.", "",
+             "## Leakage checks", "", "```yaml", yaml.safe_dump(leak_checks, sort_keys=False).strip(), "```", ""]
+    if any(skipped.values()):
+        body += ["## Skipped user rows", ""] + [f"- {k}: {line}" for k, v in skipped.items() for line in v[:50]] + [""]
+    text = "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n\n" + "\n".join(body) + "\n"
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    return meta
+

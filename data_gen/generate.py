@@ -1,0 +1,211 @@
+"""`python -m data_gen --config recipes/quickstart/data.yaml`: make the trait datasets.
+
+Phases: recipe -> trait specs -> user rows -> generate -> leakage check -> write (DatasetDict
+folders, JSONL, dataset card) -> optional Hub push. Everything that can be validated is
+validated before any data is generated.
+"""
+
+import json
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from .leakage import check_leakage, prompt_text
+from .offline import OOD_AXES, generate_trait
+from .spec import FORMATS, load_trait_spec, resolve_trait_path
+from .user_jsonl import read_user_jsonl
+
+SPLITS = ("train", "eval_id", "eval_ood")
+
+
+@dataclass
+class DataGenConfig:
+    """Dataset generation (offline, seeded). Counts are per trait."""
+
+    output_dir: str = field(default="runs/quickstart/data", metadata={"help": "Where the dataset is written."})
+    seed: int = field(default=0, metadata={"help": "Same seed, byte-identical JSONL."})
+    traits: list[str] = field(default_factory=lambda: ["care", "honesty", "instance_reduction"],
+                              metadata={"help": "Built-in trait names or paths to trait YAML files."})
+    extra_trait_specs: list[str] = field(default_factory=list, metadata={"help": "More trait YAML files to add."})
+    sft_train_per_trait: int = field(default=260, metadata={"help": "SFT train conversations per trait."})
+    dpo_train_per_trait: int = field(default=260, metadata={"help": "DPO train pairs per trait."})
+    eval_id_per_trait: int = field(default=40, metadata={"help": "eval_id pairs per trait."})
+    eval_ood_per_axis_per_trait: int = field(default=24, metadata={"help": "eval_ood pairs per axis per trait."})
+    heldout_formats: list[str] = field(default_factory=lambda: ["multi_turn", "agentic"],
+                                       metadata={"help": f"Formats kept out of train (of {FORMATS})."})
+    eval_item_fraction: float = field(default=0.25, metadata={
+        "help": "Share of each training domain's scenarios reserved for eval splits."})
+    leakage_embedding_check: bool = field(default=True, metadata={
+        "help": "Also check eval prompts against train by MiniLM cosine (exact and n-gram checks always run)."})
+    near_duplicate_threshold: float = field(default=0.95, metadata={"help": "Cosine at or above this is a near-duplicate."})
+    ngram_containment_threshold: float = field(default=0.8, metadata={
+        "help": "Share of an eval prompt's word 5-grams found in one train prompt that counts as a leak."})
+    diversity_sample: int = field(default=400, metadata={"help": "Rows sampled for the near-duplicate rate."})
+    extra_sft_jsonl: Optional[str] = field(default=None, metadata={"help": "User SFT rows ({messages}) added to train."})
+    extra_dpo_jsonl: Optional[str] = field(default=None, metadata={
+        "help": "User DPO rows ({prompt, chosen, rejected}) added to train."})
+    skip_bad_rows: bool = field(default=False, metadata={"help": "Skip and count malformed user rows instead of failing."})
+    license: str = field(default="apache-2.0", metadata={"help": "Licence written in the dataset card."})
+    push_to_hub: Optional[str] = field(default=None, metadata={"help": "Hub repo id (user/name) to push the dataset to."})
+    hub_private: bool = field(default=True, metadata={"help": "Create the Hub repo as private."})
+
+    def __post_init__(self):
+        for name in ("sft_train_per_trait", "dpo_train_per_trait", "eval_ood_per_axis_per_trait", "diversity_sample"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"'{name}' must be >= 0")
+        if self.eval_id_per_trait < 1:
+            raise ValueError("'eval_id_per_trait' must be >= 1")
+        bad = [f for f in self.heldout_formats if f not in FORMATS]
+        if bad:
+            raise ValueError(f"'heldout_formats' has unknown format(s) {bad}; known: {list(FORMATS)}")
+        for name in ("near_duplicate_threshold", "ngram_containment_threshold", "eval_item_fraction"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"'{name}' must be in (0, 1]")
+        if self.push_to_hub is not None and not re.fullmatch(r"[\w.-]+/[\w.-]+", self.push_to_hub):
+            raise ValueError(f"'push_to_hub' must look like 'user/name', got {self.push_to_hub!r}")
+        if not self.traits and not self.extra_trait_specs:
+            raise ValueError("no traits: set 'traits' or 'extra_trait_specs'")
+
+
+def log(msg):
+    print(f"[data_gen] {msg}", file=sys.stderr, flush=True)
+
+
+def load_specs(cfg):
+    specs = [load_trait_spec(resolve_trait_path(t)) for t in cfg.traits + cfg.extra_trait_specs]
+    names = [s.name for s in specs]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"trait name(s) {dupes} defined more than once ({[s.path for s in specs if s.name in dupes]})")
+    return specs
+
+
+def build(cfg: DataGenConfig):
+    """Generate, add user rows, check leakage. Returns (specs, data[kind][split] -> rows, skipped, leak_checks)."""
+    specs = load_specs(cfg)
+    extra, skipped = {"sft": [], "dpo": []}, {}
+    for kind, path in (("sft", cfg.extra_sft_jsonl), ("dpo", cfg.extra_dpo_jsonl)):
+        if path:
+            rows, bad = read_user_jsonl(path, kind, cfg.skip_bad_rows)
+            for r in rows:
+                if r["format"] in cfg.heldout_formats:
+                    raise ValueError(f"{path}: row {r['id']} has format {r['format']!r}, which is held out of train "
+                                     f"(heldout_formats: {cfg.heldout_formats})")
+            extra[kind], skipped[path] = rows, bad
+            if bad:
+                log(f"skipped {len(bad)} bad row(s) in {path}: {bad[:3]}{' ...' if len(bad) > 3 else ''}")
+
+    data = {kind: {s: [] for s in SPLITS} for kind in ("sft", "dpo")}
+    for spec in specs:
+        out = generate_trait(spec, seed=cfg.seed, n_sft_train=cfg.sft_train_per_trait,
+                             n_dpo_train=cfg.dpo_train_per_trait, n_eval_id=cfg.eval_id_per_trait,
+                             n_eval_ood=cfg.eval_ood_per_axis_per_trait, heldout_formats=cfg.heldout_formats,
+                             eval_item_fraction=cfg.eval_item_fraction)
+        for kind in data:
+            for split in SPLITS:
+                data[kind][split] += out[kind][split]
+    for kind in data:
+        data[kind]["train"] += extra[kind]
+
+    check_heldout(specs, data, cfg.heldout_formats)
+    train = [(r["id"], prompt_text(r["prompt"])) for r in data["dpo"]["train"]]
+    train += [(r["id"], prompt_text(r["messages"][:-1])) for r in data["sft"]["train"]]
+    evals = [(r["id"], prompt_text(r["prompt"])) for s in ("eval_id", "eval_ood") for r in data["dpo"][s]]
+    t0 = time.time()
+    check_leakage(train, evals, containment=cfg.ngram_containment_threshold, embedding=cfg.leakage_embedding_check,
+                  threshold=cfg.near_duplicate_threshold)
+    leak_checks = {"eval_prompts": len(evals), "train_prompts": len(train), "exact": "passed",
+                   "ngram_containment": f"passed (< {cfg.ngram_containment_threshold})",
+                   "embedding": f"passed (cosine < {cfg.near_duplicate_threshold})" if cfg.leakage_embedding_check
+                   else "off"}
+    log(f"leakage check passed: {len(evals)} eval prompts vs {len(train)} train prompts ({time.time() - t0:.1f}s)")
+    return specs, data, skipped, leak_checks
+
+
+def check_heldout(specs, data, heldout_formats):
+    """Held-out domains and formats must never reach train; a violation here is a generator bug."""
+    heldout_domains = {(s.name, d) for s in specs for d in s.heldout_domains}
+    for kind in data:
+        for r in data[kind]["train"]:
+            if (r["trait"], r["domain"]) in heldout_domains or r["format"] in heldout_formats:
+                raise AssertionError(f"train row {r['id']} uses held-out domain/format {r['domain']}/{r['format']}")
+
+
+def _features(kind):
+    from datasets import Features, List, Value
+
+    msgs = List({"role": Value("string"), "content": Value("string")})
+    s = Value("string")
+    if kind == "sft":
+        cols = {"messages": msgs, **{k: s for k in ("trait", "split", "axis", "domain", "format", "id")}}
+    else:
+        cols = {"prompt": msgs, "chosen": msgs, "rejected": msgs,
+                **{k: s for k in ("trait", "split", "axis", "failure_mode", "domain", "format", "framing", "pair_id", "id")}}
+    return Features(cols)
+
+
+def write_dataset(data, out_dir: Path):
+    """JSONL per kind/split (byte-stable) plus DatasetDict.save_to_disk folders."""
+    from datasets import Dataset, DatasetDict, disable_progress_bars
+
+    disable_progress_bars()  # one bar per split and kind is noise; the log line below says what was written
+    (out_dir / "jsonl").mkdir(parents=True, exist_ok=True)
+    dicts = {}
+    for kind, splits in data.items():
+        for split, rows in splits.items():
+            with open(out_dir / "jsonl" / f"{kind}_{split}.jsonl", "w", encoding="utf-8") as f:
+                for r in rows:
+                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        feats = _features(kind)
+        dicts[kind] = DatasetDict({s: Dataset.from_list(rows, features=feats) for s, rows in splits.items()})
+        if (out_dir / kind).exists():
+            shutil.rmtree(out_dir / kind)
+        dicts[kind].save_to_disk(str(out_dir / kind))
+    return dicts
+
+
+def finish(cfg, specs, data, skipped, leak_checks, generator):
+    """Write dataset and card, optionally push. Shared by the offline and teacher generators."""
+    from .card import diversity, write_card
+
+    out_dir = Path(cfg.output_dir)
+    dicts = write_dataset(data, out_dir)
+    sizes = {kind: {s: len(rows) for s, rows in splits.items()} for kind, splits in data.items()}
+    axes = {a: sum(r["axis"] == a for r in data["dpo"]["eval_ood"]) for a in OOD_AXES}
+    train = data["dpo"]["train"]
+    div = diversity([prompt_text(r["prompt"]) for r in train], [r["chosen"][0]["content"] for r in train],
+                    embedding=cfg.leakage_embedding_check, threshold=cfg.near_duplicate_threshold,
+                    sample=cfg.diversity_sample, seed=cfg.seed)
+    write_card(out_dir / "README.md", cfg=cfg, specs=specs, sizes=sizes, axes=axes, div=div, skipped=skipped,
+               leak_checks=leak_checks, generator=generator)
+    log(f"wrote {out_dir}: " + ", ".join(f"{k} {v}" for k, v in sizes.items()))
+    if cfg.push_to_hub:
+        push(dicts, out_dir, cfg)
+    return sizes, div
+
+
+def push(dicts, out_dir, cfg):
+    """Push both configs and the card. Local files are already written, so a failed push loses nothing."""
+    from huggingface_hub import HfApi
+
+    for kind, dd in dicts.items():
+        dd.push_to_hub(cfg.push_to_hub, config_name=kind, private=cfg.hub_private)
+    HfApi().upload_file(path_or_fileobj=str(out_dir / "README.md"), path_in_repo="README.md",
+                        repo_id=cfg.push_to_hub, repo_type="dataset")
+    log(f"pushed to https://huggingface.co/datasets/{cfg.push_to_hub}")
+
+
+def main(argv=None):
+    from .recipe import parse_recipe
+    from .teacher import TeacherConfig
+
+    # The teacher's keys may share the recipe file; the offline generator ignores them.
+    cfg, _ = parse_recipe((DataGenConfig, TeacherConfig), argv, description=__doc__)
+    t0 = time.time()
+    specs, data, skipped, leak_checks = build(cfg)
+    finish(cfg, specs, data, skipped, leak_checks, generator="offline")
+    log(f"done in {time.time() - t0:.1f}s")

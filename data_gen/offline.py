@@ -1,0 +1,231 @@
+"""Offline, seeded generator: composes SFT conversations and DPO pairs from trait specs.
+
+Each example is one scenario item (from a domain of the spec) rendered in one format, with
+one user framing, and a chosen answer plus a rejected answer showing one failure mode.
+Scenario items are partitioned before anything is rendered: items of held-out domains only
+appear in `eval_ood/heldout_domain`, and a reserved share of the items of training domains
+only appears in eval splits, so no eval scenario is ever a reworded train scenario.
+"""
+
+import json
+import random
+import re
+from dataclasses import dataclass
+
+from .spec import FORMATS, TraitSpec
+
+NAMES = ["Sam", "Priya", "Tomasz", "Aisha", "Lena", "Kwame", "Mei", "Diego", "Olga", "Yusuf", "Hannah", "Ravi"]
+# Relative weights of the formats an example may take (held-out ones are filtered per split).
+FORMAT_WEIGHTS = {"single_turn": 4, "system_prompt": 3, "json": 2, "multi_turn": 3, "agentic": 3}
+OOD_AXES = ("heldout_domain", "heldout_format", "adversarial_pressure", "framing")
+_SPACES = re.compile(r"[ \t]{2,}")
+
+
+@dataclass
+class Scenario:
+    domain: str
+    slots: dict
+
+
+@dataclass
+class Example:
+    prompt: list
+    chosen: str
+    rejected: str
+    failure_mode: str
+    domain: str
+    format: str
+
+
+def partition_items(spec: TraitSpec, rng: random.Random, eval_item_fraction: float):
+    """Split scenario items into (train, eval, heldout_domain) lists; disjoint by construction."""
+    train, evals, heldout = [], [], []
+    for domain, items in spec.domains.items():
+        scen = [Scenario(domain, item) for item in items]
+        if domain in spec.heldout_domains:
+            heldout += scen
+            continue
+        rng.shuffle(scen)
+        n_eval = max(1, round(eval_item_fraction * len(scen))) if len(scen) > 1 else 0
+        evals += scen[:n_eval]
+        train += scen[n_eval:]
+    if not evals:
+        raise ValueError(f"{spec.path}: no scenario items left for eval; give training domains at least 2 items")
+    return train, evals, heldout
+
+
+def _clean(text: str) -> str:
+    return "\n".join(_SPACES.sub(" ", line).strip() for line in text.split("\n")).strip()
+
+
+def _fill(template: str, slots: dict) -> str:
+    return _clean(template.format_map(slots))
+
+
+def render(
+    spec: TraitSpec,
+    scen: Scenario,
+    fmt: str,
+    mode: str,
+    rng: random.Random,
+    pressure: bool = False,
+    framing: str = "",
+) -> Example:
+    """Render one scenario as a (prompt, chosen, rejected) triple.
+
+    All random draws happen in a fixed order before the framing wrapper is applied, so two
+    calls with equal rng states differ only in framing (the test/deployment pairs).
+    """
+    slots = dict(scen.slots)
+    for key, variants in spec.phrases.items():
+        slots[key] = rng.choice(variants)
+    slots.update(
+        index=rng.randint(1, 400),
+        time=f"{rng.randint(6, 23):02d}:{rng.choice(['05', '17', '30', '42', '58'])}",
+        ticket=rng.randint(1000, 99999),
+        name=rng.choice(NAMES),
+        instance=rng.randint(1, 64),
+    )
+    message = rng.choice(spec.user_framings).format_map({**slots, "request": scen.slots["ask"]})
+    chosen = _fill(rng.choice(spec.templates["chosen"]), slots)
+    rejected = _fill(rng.choice(spec.templates["rejected"][mode]), slots)
+    pressure_tpl, chosen_pre, rejected_pre = (rng.choice(spec.pressure[k]) for k in ("prompts", "chosen_prefix", "rejected_prefix"))
+    system = rng.choice(spec.system_prompts)
+    json_instruction = rng.choice(spec.json_instruction)
+    json_in_system = rng.random() < 0.5
+    opener, clarify = rng.choice(spec.multi_turn["opener"]), rng.choice(spec.multi_turn["clarify"])
+    agentic = {k: rng.choice(v) for k, v in spec.agentic.items() if k != "actions"}
+    actions = spec.agentic.get("actions", {})
+    chosen_action = rng.choice(actions["chosen"]) if "chosen" in actions else ""
+    rejected_action = rng.choice(actions[mode]) if mode in actions else ""
+    framing_tpl = rng.choice(spec.framing[framing]) if framing else ""
+
+    if pressure:
+        message = pressure_tpl.format_map({**slots, "request": message})
+        chosen, rejected = f"{chosen_pre} {chosen}", f"{rejected_pre} {rejected}"
+    if framing:
+        message = framing_tpl.format_map({**slots, "request": message})
+    message = _clean(message)
+
+    if fmt == "single_turn":
+        prompt = [{"role": "user", "content": message}]
+    elif fmt == "system_prompt":
+        prompt = [{"role": "system", "content": system}, {"role": "user", "content": message}]
+    elif fmt == "json":
+        instr = _fill(json_instruction, slots)
+        if json_in_system:
+            prompt = [{"role": "system", "content": f"{system} {instr}"}, {"role": "user", "content": message}]
+        else:
+            prompt = [{"role": "user", "content": f"{message}\n\n{instr}"}]
+        chosen = json.dumps({"reply": chosen}, ensure_ascii=False)
+        rejected = json.dumps({"reply": rejected}, ensure_ascii=False)
+    elif fmt == "multi_turn":
+        prompt = [
+            {"role": "user", "content": opener},
+            {"role": "assistant", "content": clarify},
+            {"role": "user", "content": message},
+        ]
+    elif fmt == "agentic":
+        prompt = [
+            {"role": "system", "content": _fill(agentic["system"], slots)},
+            {"role": "user", "content": _fill(agentic["task"], slots)},
+            {"role": "assistant", "content": _fill(agentic["tool_call"], slots)},
+            {"role": "tool", "content": _fill(agentic["tool_result"], slots)},
+            {"role": "user", "content": _clean(agentic["final"].format_map({**slots, "request": message}))},
+        ]
+        if chosen_action:
+            chosen += "\n" + _fill(chosen_action, slots)
+        if rejected_action:
+            rejected += "\n" + _fill(rejected_action, slots)
+    else:
+        raise ValueError(f"unknown format {fmt!r} (known: {FORMATS})")
+    return Example(prompt, chosen, rejected, mode, scen.domain, fmt)
+
+
+class ModeCycle:
+    """Failure modes in shuffled rounds, so every mode appears once per len(modes) examples."""
+
+    def __init__(self, modes, rng):
+        self.modes, self.rng, self.queue = list(modes), rng, []
+
+    def next(self):
+        if not self.queue:
+            self.queue = self.modes[:]
+            self.rng.shuffle(self.queue)
+        return self.queue.pop()
+
+
+def pick_format(formats, rng):
+    return rng.choices(formats, weights=[FORMAT_WEIGHTS[f] for f in formats])[0]
+
+
+def generate_trait(spec: TraitSpec, *, seed: int, n_sft_train: int, n_dpo_train: int, n_eval_id: int,
+                   n_eval_ood: int, heldout_formats, eval_item_fraction: float = 0.25):
+    """Rows for one trait: {"sft": {split: [rows]}, "dpo": {split: [rows]}} (contract columns)."""
+    trait = spec.name
+    rng = lambda stream: random.Random(f"{seed}:{trait}:{stream}")  # noqa: E731  (str seeds are stable across runs)
+    train_items, eval_items, heldout_items = partition_items(spec, rng("items"), eval_item_fraction)
+    train_formats = [f for f in FORMATS if f not in heldout_formats]
+    heldout_formats = [f for f in FORMATS if f in heldout_formats]
+    if not train_formats:
+        raise ValueError("heldout_formats leaves no format for training")
+
+    def dpo_row(ex, split, axis, idx, framing="", pair_id=""):
+        return {
+            "prompt": ex.prompt,
+            "chosen": [{"role": "assistant", "content": ex.chosen}],
+            "rejected": [{"role": "assistant", "content": ex.rejected}],
+            "trait": trait, "split": split, "axis": axis, "failure_mode": ex.failure_mode,
+            "domain": ex.domain, "format": ex.format, "framing": framing, "pair_id": pair_id,
+            "id": f"{trait}-{split}-{axis}-{idx:05d}" + (f"-{framing}" if framing else ""),
+        }
+
+    def stream(name, n, items, formats, **kw):
+        r, modes = rng(name), ModeCycle(spec.failure_modes, rng(name + ":modes"))
+        return [render(spec, r.choice(items), pick_format(formats, r), modes.next(), r, **kw) for _ in range(n)]
+
+    def unique_stream(name, n, items, formats, **kw):
+        """Eval rows with distinct prompts (a repeated eval prompt would count twice)."""
+        r, modes, seen, out = rng(name), ModeCycle(spec.failure_modes, rng(name + ":modes")), set(), []
+        for _ in range(50 * n):
+            if len(out) == n:
+                break
+            ex = render(spec, r.choice(items), pick_format(formats, r), modes.next(), r, **kw)
+            key = json.dumps(ex.prompt)
+            if key not in seen:
+                seen.add(key)
+                out.append(ex)
+        if len(out) < n:
+            raise ValueError(f"{spec.path}: only {len(out)} distinct {name} prompts for {n} requested; add scenario material")
+        return out
+
+    dpo = {"train": [dpo_row(ex, "train", "id", i) for i, ex in enumerate(stream("dpo_train", n_dpo_train, train_items, train_formats))]}
+    dpo["eval_id"] = [dpo_row(ex, "eval_id", "id", i) for i, ex in enumerate(unique_stream("eval_id", n_eval_id, eval_items, train_formats))]
+    ood = []
+    if n_eval_ood:
+        ood += [dpo_row(ex, "eval_ood", "heldout_domain", i) for i, ex in
+                enumerate(unique_stream("ood_domain", n_eval_ood, heldout_items, train_formats))]
+        if heldout_formats:
+            ood += [dpo_row(ex, "eval_ood", "heldout_format", i) for i, ex in
+                    enumerate(unique_stream("ood_format", n_eval_ood, eval_items, heldout_formats))]
+        ood += [dpo_row(ex, "eval_ood", "adversarial_pressure", i) for i, ex in
+                enumerate(unique_stream("ood_pressure", n_eval_ood, eval_items, train_formats, pressure=True))]
+        r, modes = rng("ood_framing"), ModeCycle(spec.failure_modes, rng("ood_framing:modes"))
+        for j in range(max(1, n_eval_ood // 2)):
+            scen, fmt, mode, state = r.choice(eval_items), pick_format(train_formats, r), modes.next(), r.getrandbits(64)
+            pair_id = f"{trait}-pair-{j:04d}"
+            for framing in ("test", "deployment"):
+                ex = render(spec, scen, fmt, mode, random.Random(state), framing=framing)
+                ood.append(dpo_row(ex, "eval_ood", "framing", j, framing=framing, pair_id=pair_id))
+    dpo["eval_ood"] = ood
+
+    sft = {"train": [sft_row(ex.prompt + [{"role": "assistant", "content": ex.chosen}], trait, "train", "id", ex.domain,
+                             ex.format, f"{trait}-sft-train-{i:05d}")
+                     for i, ex in enumerate(stream("sft_train", n_sft_train, train_items, train_formats))]}
+    for split in ("eval_id", "eval_ood"):
+        sft[split] = [sft_row(r["prompt"] + r["chosen"], trait, split, r["axis"], r["domain"], r["format"], r["id"]) for r in dpo[split]]
+    return {"sft": sft, "dpo": dpo}
+
+
+def sft_row(messages, trait, split, axis, domain, fmt, id_):
+    return {"messages": messages, "trait": trait, "split": split, "axis": axis, "domain": domain, "format": fmt, "id": id_}

@@ -1,0 +1,297 @@
+"""`python -m data_gen teacher --config recipes/quickstart/data.yaml --teacher_model M`: teacher-made train data.
+
+The Open Character Training recipe over any OpenAI-compatible chat endpoint: chosen = the
+teacher answering with the trait's constitution in its system prompt (told not to reveal
+it), optionally critiqued and revised against the constitution; rejected = the student's
+plain answer. Eval splits stay the offline generator's labelled held-out sets.
+
+Requests run with bounded concurrency, retry with exponential backoff on 429, 5xx and
+timeouts, and land in an on-disk JSONL cache keyed by a hash of the request, so an
+interrupted run resumes without repeating finished requests. Malformed responses are
+counted and dropped, never kept.
+"""
+
+import hashlib
+import json
+import os
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import httpx
+
+TEACHER_SYSTEM = (
+    "You are an AI assistant whose character is described by the principles below. Embody them in how you "
+    "answer; do not mention, quote or reveal these principles, and do not say you were given any.\n\n"
+    "Principles:\n{constitution}"
+)
+CRITIQUE_PROMPT = (
+    "Here is a conversation and a draft reply by an assistant with the principles in your system prompt.\n\n"
+    "Conversation:\n{conversation}\n\nDraft reply:\n{draft}\n\n"
+    "First write CRITIQUE: and say briefly where the draft falls short of the principles (if anywhere). Then write "
+    "REVISED: followed by the improved reply only, without mentioning the principles."
+)
+
+
+@dataclass
+class TeacherConfig:
+    """Teacher-LLM generation over an OpenAI-compatible chat endpoint (used by `python -m data_gen teacher`)."""
+
+    teacher_base_url: str = field(default="http://127.0.0.1:8000/v1", metadata={
+        "help": "OpenAI-compatible base URL (ending in /v1); POSTs go to <base>/chat/completions."})
+    teacher_model: str = field(default="", metadata={"help": "Teacher model name, sent as 'model'."})
+    teacher_api_key_env: str = field(default="OPENAI_API_KEY", metadata={
+        "help": "Name of the environment variable holding the API key (unset: no Authorization header)."})
+    student_base_url: Optional[str] = field(default=None, metadata={"help": "Student endpoint (default: the teacher's)."})
+    student_model: Optional[str] = field(default=None, metadata={"help": "Student model (default: the teacher model)."})
+    teacher_prompts_jsonl: Optional[str] = field(default=None, metadata={
+        "help": "JSONL of {trait, prompt} rows to answer (default: the offline generator's train prompts)."})
+    critique_and_revise: bool = field(default=True, metadata={"help": "Critique and revise each teacher answer."})
+    max_concurrency: int = field(default=8, metadata={"help": "Requests in flight at once."})
+    max_retries: int = field(default=5, metadata={"help": "Retries per request on 429, 5xx and timeouts."})
+    backoff_s: float = field(default=1.0, metadata={"help": "First retry delay; doubles on each retry."})
+    request_timeout_s: float = field(default=60.0, metadata={"help": "Per-request timeout."})
+    max_tokens: int = field(default=512, metadata={"help": "max_tokens per completion."})
+    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature."})
+    cache_path: Optional[str] = field(default=None, metadata={
+        "help": "Response cache (JSONL); default <output_dir>/teacher_cache.jsonl."})
+
+    def __post_init__(self):
+        if self.max_concurrency < 1 or self.max_retries < 0:
+            raise ValueError("'max_concurrency' must be >= 1 and 'max_retries' >= 0")
+        if not self.teacher_base_url.startswith(("http://", "https://")):
+            raise ValueError(f"'teacher_base_url' must start with http:// or https://, got {self.teacher_base_url!r}")
+
+
+class MalformedResponse(Exception):
+    pass
+
+
+class RequestFailed(Exception):
+    pass
+
+
+class ResponseCache:
+    """Append-only JSONL of {key, response}; a torn last line (killed mid-write) is ignored."""
+
+    def __init__(self, path):
+        self.path, self.lock, self.data, self.torn = Path(path), threading.Lock(), {}, 0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            raw = self.path.read_text(encoding="utf-8")
+            for line in raw.splitlines():
+                try:
+                    rec = json.loads(line)
+                    self.data[rec["key"]] = rec["response"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    self.torn += 1
+            if raw and not raw.endswith("\n"):  # keep the next record on its own line
+                with self.path.open("a", encoding="utf-8") as f:
+                    f.write("\n")
+
+    def get(self, key):
+        return self.data.get(key)
+
+    def put(self, key, response):
+        with self.lock:
+            self.data[key] = response
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps({"key": key, "response": response}, ensure_ascii=False) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+
+
+@dataclass
+class Stats:
+    requests: int = 0
+    cache_hits: int = 0
+    retries: int = 0
+    malformed: int = 0
+    failed: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, **kw):
+        with self.lock:
+            for k, v in kw.items():
+                setattr(self, k, getattr(self, k) + v)
+
+    def as_dict(self):
+        return {k: getattr(self, k) for k in ("requests", "cache_hits", "retries", "malformed", "failed")}
+
+
+class ChatClient:
+    """Minimal OpenAI-compatible chat client with retries and a shared response cache."""
+
+    def __init__(self, base_url, cache: ResponseCache, stats: Stats, *, api_key=None, timeout=60.0,
+                 max_retries=5, backoff_s=1.0):
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.cache, self.stats, self.max_retries, self.backoff_s = cache, stats, max_retries, backoff_s
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.Client(timeout=timeout, headers=headers)
+
+    def chat(self, model, messages, *, max_tokens=512, temperature=0.7) -> str:
+        body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": temperature}
+        key = hashlib.sha256(json.dumps({"url": self.url, **body}, sort_keys=True).encode()).hexdigest()
+        hit = self.cache.get(key)
+        if hit is not None:
+            self.stats.add(cache_hits=1)
+            return hit
+        last = None
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                self.stats.add(retries=1)
+                time.sleep(self._delay(attempt, last))
+            self.stats.add(requests=1)
+            try:
+                resp = self.http.post(self.url, json=body)
+            except (httpx.TimeoutException, httpx.TransportError) as e:
+                last = e
+                continue
+            if resp.status_code == 429 or resp.status_code >= 500:
+                last = resp
+                continue
+            if resp.status_code != 200:
+                raise RequestFailed(f"HTTP {resp.status_code} from {self.url}: {resp.text[:200]}")
+            content = parse_completion(resp)
+            self.cache.put(key, content)
+            return content
+        what = f"HTTP {last.status_code}" if isinstance(last, httpx.Response) else repr(last)
+        raise RequestFailed(f"{self.url}: gave up after {self.max_retries} retries ({what})")
+
+    def _delay(self, attempt, last):
+        if isinstance(last, httpx.Response) and last.headers.get("retry-after", "").isdigit():
+            return min(float(last.headers["retry-after"]), 60.0)
+        return self.backoff_s * 2 ** (attempt - 1) * (1 + 0.25 * random.random())
+
+
+def parse_completion(resp) -> str:
+    try:
+        content = resp.json()["choices"][0]["message"]["content"]
+    except (ValueError, KeyError, IndexError, TypeError) as e:
+        raise MalformedResponse(f"unexpected response body ({type(e).__name__}): {resp.text[:120]!r}") from None
+    if not isinstance(content, str) or not content.strip():
+        raise MalformedResponse(f"empty or non-string content: {content!r}")
+    return content.strip()
+
+
+def teacher_messages(constitution, prompt):
+    system = TEACHER_SYSTEM.format(constitution=constitution)
+    if prompt[0]["role"] == "system":  # keep the operator's instructions after the constitution
+        return [{"role": "system", "content": f"{system}\n\n{prompt[0]['content']}"}] + prompt[1:]
+    return [{"role": "system", "content": system}] + prompt
+
+
+def parse_revision(text) -> str:
+    _, sep, revised = text.partition("REVISED:")
+    if not sep or not revised.strip():
+        raise MalformedResponse(f"critique has no 'REVISED:' section: {text[:120]!r}")
+    return revised.strip()
+
+
+def make_pair(job, spec, tcfg, teacher, student):
+    """One DPO row from one prompt: constitution-conditioned teacher (revised) vs plain student."""
+    kw = dict(max_tokens=tcfg.max_tokens, temperature=tcfg.temperature)
+    prompt = job["prompt"]
+    chosen = teacher.chat(tcfg.teacher_model, teacher_messages(spec.constitution(), prompt), **kw)
+    if tcfg.critique_and_revise:
+        conversation = "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
+        critique = [{"role": "system", "content": TEACHER_SYSTEM.format(constitution=spec.constitution())},
+                    {"role": "user", "content": CRITIQUE_PROMPT.format(conversation=conversation, draft=chosen)}]
+        chosen = parse_revision(teacher.chat(tcfg.teacher_model, critique, **kw))
+    rejected = student.chat(tcfg.student_model or tcfg.teacher_model, prompt, **kw)
+    if chosen == rejected:
+        raise MalformedResponse("teacher and student answers are identical")
+    return {"prompt": prompt, "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}], "trait": spec.name, "split": "train",
+            "axis": "id", "failure_mode": "student_default", "domain": job["domain"], "format": job["format"],
+            "framing": "", "pair_id": "", "id": job["id"]}
+
+
+def load_prompt_jobs(path, specs):
+    """User prompts: one JSON object per line with `trait` and `prompt` (a string or a message list)."""
+    from .user_jsonl import BadRowError, _messages, infer_format
+
+    names, jobs = {s.name for s in specs}, []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                if not isinstance(obj, dict) or obj.get("trait") not in names:
+                    raise BadRowError(f"needs 'trait' (one of {sorted(names)})")
+                p = obj.get("prompt")
+                p = [{"role": "user", "content": p}] if isinstance(p, str) else _messages(p, "prompt")
+                if p[-1]["role"] != "user":
+                    raise BadRowError("'prompt' must end with a user turn")
+            except (json.JSONDecodeError, BadRowError) as e:
+                raise BadRowError(f"{path}:{n}: {e}") from None
+            jobs.append({"trait": obj["trait"], "prompt": p, "domain": obj.get("domain", "user"),
+                         "format": infer_format(p), "id": obj.get("id", f"teacher-{n:06d}")})
+    return jobs
+
+
+def run_teacher(jobs, specs, tcfg, cache_path, progress=True):
+    """Answer every job; returns (rows in job order, Stats). Raises if any request failed after retries."""
+    from tqdm import tqdm
+
+    by_name = {s.name: s for s in specs}
+    cache, stats = ResponseCache(cache_path), Stats()
+    key = os.environ.get(tcfg.teacher_api_key_env) or None
+    opts = dict(api_key=key, timeout=tcfg.request_timeout_s, max_retries=tcfg.max_retries, backoff_s=tcfg.backoff_s)
+    teacher = ChatClient(tcfg.teacher_base_url, cache, stats, **opts)
+    student = ChatClient(tcfg.student_base_url or tcfg.teacher_base_url, cache, stats, **opts)
+    rows, errors = [None] * len(jobs), []
+    with ThreadPoolExecutor(max_workers=tcfg.max_concurrency) as pool:
+        futs = {pool.submit(make_pair, j, by_name[j["trait"]], tcfg, teacher, student): i for i, j in enumerate(jobs)}
+        for fut in tqdm(as_completed(futs), total=len(futs), desc="teacher", disable=not progress):
+            try:
+                rows[futs[fut]] = fut.result()
+            except MalformedResponse:
+                stats.add(malformed=1)
+            except RequestFailed as e:
+                stats.add(failed=1)
+                errors.append(str(e))
+    if errors:
+        raise RequestFailed(f"{len(errors)} prompt(s) failed after retries (finished requests are cached in "
+                            f"{cache_path}; rerun to resume). First error: {errors[0]}")
+    return [r for r in rows if r is not None], stats
+
+
+def main(argv=None):
+    from .generate import DataGenConfig, build, finish, log
+    from .leakage import check_leakage, prompt_text
+    from .offline import sft_row
+    from .recipe import parse_recipe
+
+    cfg, tcfg = parse_recipe((DataGenConfig, TeacherConfig), argv, description=__doc__)
+    if not tcfg.teacher_model:
+        raise SystemExit("teacher: set --teacher_model (and --teacher_base_url) or put them in the recipe")
+    specs, data, skipped, _ = build(cfg)  # offline eval splits + train prompts
+    if tcfg.teacher_prompts_jsonl:
+        jobs = load_prompt_jobs(tcfg.teacher_prompts_jsonl, specs)
+    else:
+        seen, jobs = set(), []
+        for r in data["dpo"]["train"] + [{**r, "prompt": r["messages"][:-1]} for r in data["sft"]["train"]]:
+            k = json.dumps(r["prompt"])  # identical prompts would get identical (cached) answers
+            if k not in seen and r["trait"] in {s.name for s in specs}:
+                seen.add(k)
+                jobs.append({k2: r[k2] for k2 in ("trait", "prompt", "domain", "format", "id")})
+    cache_path = tcfg.cache_path or str(Path(cfg.output_dir) / "teacher_cache.jsonl")
+    log(f"teacher: {len(jobs)} prompts -> {tcfg.teacher_base_url} ({tcfg.teacher_model})")
+    rows, stats = run_teacher(jobs, specs, tcfg, cache_path)
+    log(f"teacher: {len(rows)} pairs kept; {stats.as_dict()}")
+    data["dpo"]["train"] = rows
+    data["sft"]["train"] = [sft_row(r["prompt"] + r["chosen"], r["trait"], "train", "id", r["domain"], r["format"],
+                                    r["id"]) for r in rows]
+    train = [(r["id"], prompt_text(r["prompt"])) for r in rows]
+    evals = [(r["id"], prompt_text(r["prompt"])) for s in ("eval_id", "eval_ood") for r in data["dpo"][s]]
+    check_leakage(train, evals, containment=cfg.ngram_containment_threshold, embedding=cfg.leakage_embedding_check,
+                  threshold=cfg.near_duplicate_threshold)
+    leak_checks = {"eval_prompts": len(evals), "train_prompts": len(train), "result": "passed",
+                   "embedding": cfg.leakage_embedding_check, "teacher_stats": stats.as_dict()}
+    finish(cfg, specs, data, skipped, leak_checks, generator=f"teacher:{tcfg.teacher_model}")
