@@ -14,7 +14,7 @@ fi
 source "$VENV/bin/activate"
 
 stamp="$VENV/.persona-install-$(cat "$ROOT/pyproject.toml" "$ROOT/scripts/setup_env.sh" | sha256sum | cut -c1-16)${EXTRAS:+-$EXTRAS}"
-if [ ! -f "$stamp" ]; then
+if [ ! -f "$stamp" ] && [ -z "${PERSONA_SKIP_INSTALL:-}" ]; then
   echo "[setup] installing dependencies (first run: a few minutes)"
   python -m pip install -q --upgrade pip
   if ! python -c "import torch" 2>/dev/null; then
