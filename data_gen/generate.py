@@ -41,7 +41,7 @@ class DataGenConfig:
         "help": "Share of each training domain's scenarios reserved for eval splits."})
     leakage_embedding_check: bool = field(default=True, metadata={
         "help": "Also check eval prompts against train by MiniLM cosine (exact and n-gram checks always run)."})
-    near_duplicate_threshold: float = field(default=0.95, metadata={"help": "Cosine at or above this is a near-duplicate."})
+    near_duplicate_threshold: float = field(default=0.88, metadata={"help": "Cosine at or above this is a near-duplicate."})
     ngram_containment_threshold: float = field(default=0.8, metadata={
         "help": "Share of an eval prompt's word 5-grams found in one train prompt that counts as a leak."})
     diversity_sample: int = field(default=400, metadata={"help": "Rows sampled for the near-duplicate rate."})

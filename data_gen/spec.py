@@ -170,7 +170,6 @@ def load_trait_spec(path) -> TraitSpec:
 
     # Scenario items: every item of the trait has the same slots.
     domains = data["domains"]
-    item_keys = None
     for dom, items in domains.items():
         if not isinstance(items, list) or not items:
             raise SpecError(f"{path}: field 'domains.{dom}' must be a non-empty list of scenario items")
@@ -178,15 +177,15 @@ def load_trait_spec(path) -> TraitSpec:
             field = f"domains.{dom}[{i}]"
             if not isinstance(item, dict) or not item:
                 raise SpecError(f"{path}: field '{field}' must be a mapping of slot -> text")
-            if item_keys is None:
-                item_keys = set(item)
-            elif set(item) != item_keys:
-                raise SpecError(
-                    f"{path}: field '{field}' has slots {sorted(item)}, expected {sorted(item_keys)} like the first item"
-                )
             for k, v in item.items():
                 if not isinstance(v, str) or not v.strip():
                     raise SpecError(f"{path}: field '{field}.{k}' must be a non-empty string")
+    item_keys = {k for items in domains.values() for item in items for k in item}
+    for dom, items in domains.items():
+        for i, item in enumerate(items):
+            missing = sorted(item_keys - set(item))
+            if missing:
+                raise SpecError(f"{path}: field 'domains.{dom}[{i}]' is missing slot(s) {missing} that other items have")
     for d in data["heldout_domains"]:
         if d not in domains:
             raise SpecError(f"{path}: field 'heldout_domains' names unknown domain {d!r}")
