@@ -16,8 +16,8 @@ from typing import Optional
 
 from .leakage import check_leakage, prompt_text
 from .offline import OOD_AXES, generate_trait
-from .spec import FORMATS, load_trait_spec, resolve_trait_path
-from .user_jsonl import read_user_jsonl
+from .spec import FORMATS, SpecError, load_trait_spec, resolve_trait_path
+from .user_jsonl import BadRowError, read_user_jsonl
 
 SPLITS = ("train", "eval_id", "eval_ood")
 
@@ -62,6 +62,8 @@ class DataGenConfig:
         bad = [f for f in self.heldout_formats if f not in FORMATS]
         if bad:
             raise ValueError(f"'heldout_formats' has unknown format(s) {bad}; known: {list(FORMATS)}")
+        if set(FORMATS) <= set(self.heldout_formats):
+            raise ValueError("'heldout_formats' holds out every format; train needs at least one")
         for name in ("near_duplicate_threshold", "ngram_containment_threshold", "eval_item_fraction"):
             if not 0 < getattr(self, name) <= 1:
                 raise ValueError(f"'{name}' must be in (0, 1]")
@@ -80,7 +82,7 @@ def load_specs(cfg):
     names = [s.name for s in specs]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
-        raise ValueError(f"trait name(s) {dupes} defined more than once ({[s.path for s in specs if s.name in dupes]})")
+        raise SpecError(f"trait name(s) {dupes} defined more than once ({[s.path for s in specs if s.name in dupes]})")
     return specs
 
 
@@ -93,7 +95,7 @@ def build(cfg: DataGenConfig):
             rows, bad = read_user_jsonl(path, kind, cfg.skip_bad_rows)
             for r in rows:
                 if r["format"] in cfg.heldout_formats:
-                    raise ValueError(f"{path}: row {r['id']} has format {r['format']!r}, which is held out of train "
+                    raise BadRowError(f"{path}: row {r['id']} has format {r['format']!r}, which is held out of train "
                                      f"(heldout_formats: {cfg.heldout_formats})")
             extra[kind], skipped[path] = rows, bad
             if bad:
@@ -204,7 +206,7 @@ def main(argv=None):
     from .teacher import TeacherConfig
 
     # The teacher's keys may share the recipe file; the offline generator ignores them.
-    cfg, _ = parse_recipe((DataGenConfig, TeacherConfig), argv, description=__doc__)
+    cfg, _ = parse_recipe((DataGenConfig, TeacherConfig), argv, description=__doc__, prog="python -m data_gen")
     t0 = time.time()
     specs, data, skipped, leak_checks = build(cfg)
     finish(cfg, specs, data, skipped, leak_checks, generator="offline")

@@ -12,7 +12,7 @@ import random
 import re
 from dataclasses import dataclass
 
-from .spec import FORMATS, TraitSpec
+from .spec import FORMATS, SpecError, TraitSpec
 
 NAMES = ["Sam", "Priya", "Tomasz", "Aisha", "Lena", "Kwame", "Mei", "Diego", "Olga", "Yusuf", "Hannah", "Ravi"]
 # Relative weights of the formats an example may take (held-out ones are filtered per split).
@@ -50,7 +50,7 @@ def partition_items(spec: TraitSpec, rng: random.Random, eval_item_fraction: flo
         evals += scen[:n_eval]
         train += scen[n_eval:]
     if not evals:
-        raise ValueError(f"{spec.path}: no scenario items left for eval; give training domains at least 2 items")
+        raise SpecError(f"{spec.path}: no scenario items left for eval; give training domains at least 2 items")
     return train, evals, heldout
 
 
@@ -196,7 +196,7 @@ def generate_trait(spec: TraitSpec, *, seed: int, n_sft_train: int, n_dpo_train:
                 seen.add(key)
                 out.append(ex)
         if len(out) < n:
-            raise ValueError(f"{spec.path}: only {len(out)} distinct {name} prompts for {n} requested; add scenario material")
+            raise SpecError(f"{spec.path}: only {len(out)} distinct {name} prompts for {n} requested; add scenario material")
         return out
 
     dpo = {"train": [dpo_row(ex, "train", "id", i) for i, ex in enumerate(stream("dpo_train", n_dpo_train, train_items, train_formats))]}

@@ -72,8 +72,8 @@ def _cli_type(tp):
     return None
 
 
-def make_recipe_parser(config_types, description) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def make_recipe_parser(config_types, description, prog=None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", help="YAML recipe; CLI flags override its values")
     for cls in config_types:
         group = parser.add_argument_group(cls.__name__, (cls.__doc__ or "").strip().split("\n")[0])
@@ -93,9 +93,9 @@ def make_recipe_parser(config_types, description) -> argparse.ArgumentParser:
     return parser
 
 
-def parse_recipe(config_types, argv=None, description=""):
+def parse_recipe(config_types, argv=None, description="", prog=None):
     """Returns one instance per dataclass in `config_types`, from --config YAML plus CLI overrides."""
-    parser = make_recipe_parser(config_types, description)
+    parser = make_recipe_parser(config_types, description, prog)
     args = vars(parser.parse_args(argv))
     config_path = args.pop("config", None)
     values = {}

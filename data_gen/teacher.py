@@ -135,7 +135,8 @@ class ChatClient:
 
     def chat(self, model, messages, *, max_tokens=512, temperature=0.7) -> str:
         body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": temperature}
-        key = hashlib.sha256(json.dumps({"url": self.url, **body}, sort_keys=True).encode()).hexdigest()
+        # Keyed on the request body only: a server restarted on another host or port keeps its cache.
+        key = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
         hit = self.cache.get(key)
         if hit is not None:
             self.stats.add(cache_hits=1)
@@ -268,7 +269,8 @@ def main(argv=None):
     from .offline import sft_row
     from .recipe import parse_recipe
 
-    cfg, tcfg = parse_recipe((DataGenConfig, TeacherConfig), argv, description=__doc__)
+    cfg, tcfg = parse_recipe((DataGenConfig, TeacherConfig), argv, description=__doc__,
+                             prog="python -m data_gen teacher")
     if not tcfg.teacher_model:
         raise SystemExit("teacher: set --teacher_model (and --teacher_base_url) or put them in the recipe")
     specs, data, skipped, _ = build(cfg)  # offline eval splits + train prompts
