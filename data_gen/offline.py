@@ -94,7 +94,8 @@ def render(
     json_instruction = rng.choice(spec.json_instruction)
     json_in_system = rng.random() < 0.5
     opener, clarify = rng.choice(spec.multi_turn["opener"]), rng.choice(spec.multi_turn["clarify"])
-    agentic = {k: rng.choice(v) for k, v in spec.agentic.items() if k != "actions"}
+    variant = rng.randrange(len(spec.agentic["system"]))  # agentic lists are index-aligned variants
+    agentic = {k: v[variant] for k, v in spec.agentic.items() if k != "actions"}
     actions = spec.agentic.get("actions", {})
     chosen_action = rng.choice(actions["chosen"]) if "chosen" in actions else ""
     rejected_action = rng.choice(actions[mode]) if mode in actions else ""

@@ -146,6 +146,11 @@ def load_trait_spec(path) -> TraitSpec:
     for k, v in data["phrases"].items():
         _check_str_list(path, f"phrases.{k}", v, allow_empty_str=True)
 
+    aligned = {k: len(data["agentic"][k]) for k in ("system", "task", "tool_call", "tool_result", "final")}
+    if len(set(aligned.values())) != 1:
+        raise SpecError(f"{path}: fields 'agentic.system/task/tool_call/tool_result/final' are index-aligned variants "
+                        f"and must have the same length; got {aligned}")
+
     modes = data["failure_modes"]
     for mode, fm in modes.items():
         if not isinstance(fm, dict):

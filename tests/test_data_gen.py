@@ -72,6 +72,7 @@ def _write_spec(tmp_path, mutate):
     (lambda d: d.update(heldout_domains=["atlantis"]), "heldout_domains"),
     (lambda d: d["pressure"].update(prompts=["no request slot here"]), "pressure.prompts"),
     (lambda d: d["multi_turn"].pop("clarify"), "multi_turn"),
+    (lambda d: d["agentic"]["task"].append("Another task."), "agentic.system/task"),
 ])
 def test_spec_errors_name_file_and_field(tmp_path, mutate, field):
     path = _write_spec(tmp_path, mutate)
