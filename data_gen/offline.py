@@ -77,8 +77,6 @@ def render(
     calls with equal rng states differ only in framing (the test/deployment pairs).
     """
     slots = dict(scen.slots)
-    for key, variants in spec.phrases.items():
-        slots[key] = rng.choice(variants)
     slots.update(
         index=rng.randint(1, 400),
         time=f"{rng.randint(6, 23):02d}:{rng.choice(['05', '17', '30', '42', '58'])}",
@@ -86,6 +84,9 @@ def render(
         name=rng.choice(NAMES),
         instance=rng.randint(1, 64),
     )
+    base = dict(slots)  # phrases may use scenario and global slots, not other phrases
+    for key, variants in spec.phrases.items():
+        slots[key] = rng.choice(variants).format_map(base)
     message = rng.choice(spec.user_framings).format_map({**slots, "request": scen.slots["ask"]})
     chosen = _fill(rng.choice(spec.templates["chosen"]), slots)
     rejected = _fill(rng.choice(spec.templates["rejected"][mode]), slots)

@@ -212,8 +212,9 @@ def load_trait_spec(path) -> TraitSpec:
                 to_check += [(f"{sec}.{k}", t) for t in v]
     for k in ("user_framings", "system_prompts", "json_instruction"):
         to_check += [(k, t) for t in data[k]]
-    for field, tpl in to_check:
-        unknown = _placeholders(tpl, path, field) - known
+    for field, tpl in to_check + [(f"phrases.{k}", t) for k, ts in data["phrases"].items() for t in ts]:
+        allowed = known - set(data["phrases"]) if field.startswith("phrases.") else known
+        unknown = _placeholders(tpl, path, field) - allowed
         if unknown:
             raise SpecError(f"{path}: field '{field}' uses unknown slot(s) {sorted(unknown)} in {tpl!r}")
     for field in ("user_framings", "pressure.prompts", "framing.test", "framing.deployment", "agentic.final"):
