@@ -30,9 +30,13 @@ def near_duplicate_rate(texts, threshold: float, sample: int, seed: int) -> floa
     return round(float((sims.max(axis=1) >= threshold).mean()), 4)
 
 
-def diversity(prompts, chosen, *, embedding: bool, threshold: float, sample: int, seed: int) -> dict:
+def diversity(prompts, chosen, rejected, *, embedding: bool, threshold: float, sample: int, seed: int) -> dict:
+    words = lambda texts: round(sum(len(t.split()) for t in texts) / max(1, len(texts)), 1)  # noqa: E731
     out = {
         "rows": len(prompts),
+        # A large gap lets DPO learn length instead of the trait; watch it when editing templates.
+        "chosen_mean_words": words(chosen),
+        "rejected_mean_words": words(rejected),
         "distinct_prompt_ratio": round(len({normalise(p) for p in prompts}) / max(1, len(prompts)), 4),
         **{f"prompt_distinct_{n}": distinct_n(prompts, n) for n in (1, 2, 3)},
         **{f"chosen_distinct_{n}": distinct_n(chosen, n) for n in (1, 2, 3)},

@@ -180,7 +180,7 @@ def finish(cfg, specs, data, skipped, leak_checks, generator):
     axes = {a: sum(r["axis"] == a for r in data["dpo"]["eval_ood"]) for a in OOD_AXES}
     train = data["dpo"]["train"]
     div = diversity([prompt_text(r["prompt"]) for r in train], [r["chosen"][0]["content"] for r in train],
-                    embedding=cfg.leakage_embedding_check, threshold=cfg.near_duplicate_threshold,
+                    [r["rejected"][0]["content"] for r in train], embedding=cfg.leakage_embedding_check, threshold=cfg.near_duplicate_threshold,
                     sample=cfg.diversity_sample, seed=cfg.seed)
     write_card(out_dir / "README.md", cfg=cfg, specs=specs, sizes=sizes, axes=axes, div=div, skipped=skipped,
                leak_checks=leak_checks, generator=generator)

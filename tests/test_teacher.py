@@ -198,3 +198,49 @@ def test_teacher_config_errors(tmp_path):
     path.write_text("max_concurrency: many\n")
     with pytest.raises(RecipeError, match=f"{path}: key 'max_concurrency' must be int"):
         parse_recipe((DataGenConfig, TeacherConfig), ["--config", str(path)])
+
+
+def test_killed_process_resumes_without_repeating_cached_requests(tmp_path):
+    """SIGKILL a real `python -m data_gen teacher` run mid-way, then rerun it to completion."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).parents[1]
+    out, cache = tmp_path / "out", tmp_path / "out" / "teacher_cache.jsonl"
+    with FakeChatServer(faults=False) as srv:
+        handler = srv.httpd.RequestHandlerClass
+        orig = handler.do_POST
+
+        def slow_post(self):
+            time.sleep(0.05)  # slow enough to kill the run part-way
+            return orig(self)
+
+        handler.do_POST = slow_post
+        args = [sys.executable, "-m", "data_gen", "teacher", "--output_dir", str(out), "--traits", "care",
+                "--sft_train_per_trait", "10", "--dpo_train_per_trait", "15", "--eval_id_per_trait", "4",
+                "--eval_ood_per_axis_per_trait", "2", "--leakage_embedding_check", "false", "--teacher_base_url",
+                srv.url, "--teacher_model", "teacher-m", "--student_model", "student-m", "--max_concurrency", "2"]
+        env = {**os.environ, "PYTHONPATH": str(repo)}
+        proc = subprocess.Popen(args, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.time() + 120
+            while time.time() < deadline and (not cache.exists() or len(cache.read_text().splitlines()) < 12):
+                assert proc.poll() is None, "run finished before it could be interrupted"
+                time.sleep(0.05)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        before = ResponseCache(cache).data
+        assert len(before) >= 12 and not (out / "jsonl").exists()
+        served_before = Counter(srv.served)
+        subprocess.run(args, cwd=repo, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    resent = [k for k in before if srv.served[k] > served_before[k]]
+    assert resent == []  # finished (cached) requests were never sent again
+    train = [json.loads(line) for line in (out / "jsonl" / "dpo_train.jsonl").read_text().splitlines()]
+    prompts = [json.dumps(r["prompt"]) for r in train]
+    assert len(prompts) == len(set(prompts)) and len(train) > 0
+    keys = [json.loads(line)["key"] for line in cache.read_text().splitlines() if line.strip()]
+    assert len(keys) == len(set(keys))
