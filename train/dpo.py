@@ -55,6 +55,7 @@ def main(script_args, training_args, model_args):
     from train.models import load_model, load_tokenizer, resolve_model_path
     from train.outputs import (
         assert_adapter_changed,
+        checkpoint_step,
         dataset_sha256,
         final_metrics,
         lora_snapshot,
@@ -62,7 +63,7 @@ def main(script_args, training_args, model_args):
         save_run,
     )
     from train.recipe import resolved_recipe
-    from train.tracking import RecipeToWandb, setup_wandb
+    from train.tracking import RecipeToWandb, finish_wandb, setup_wandb
 
     if not model_args.use_peft:
         raise ValueError("This pipeline trains LoRA adapters: set `use_peft: true` in the recipe.")
@@ -105,6 +106,7 @@ def main(script_args, training_args, model_args):
     else:
         peft_config = get_peft_config(model_args)
     resume = resume_checkpoint(training_args.output_dir, training_args.resume_from_checkpoint)
+    resumed_at_step = checkpoint_step(resume)  # read now: checkpoint rotation may delete the folder
 
     trainer = DPOTrainer(
         model=model,
@@ -141,11 +143,13 @@ def main(script_args, training_args, model_args):
             "sha256": dataset_sha256(dataset),
         },
         "resumed_from": resume,
+        "resumed_at_step": resumed_at_step,
         "adapter_check": adapter_check,
         "metrics": final_metrics(trainer, train_output),
     }
     save_run(trainer, resolved_recipe(script_args, training_args, model_args), manifest)
     state.print(f"Saved adapter to {training_args.output_dir}")
+    finish_wandb({"adapter_check": adapter_check, "data_sha256": manifest["data"]["sha256"]})
     trainer.end()
     return training_args.output_dir
 

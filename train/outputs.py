@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 import yaml
-from transformers.trainer_utils import get_last_checkpoint
 
 MANIFEST = "training_manifest.json"
 
@@ -27,6 +26,24 @@ def dataset_sha256(dataset) -> str:
         h.update(json.dumps(row, sort_keys=True, ensure_ascii=False, default=str).encode())
         h.update(b"\n")
     return h.hexdigest()
+
+
+def last_complete_checkpoint(output_dir: str | Path) -> str | None:
+    """The newest checkpoint-N folder whose save finished (trainer_state.json is written last).
+
+    A run killed while saving leaves a partial folder; resuming from it would fail, so it is skipped.
+    """
+    folders = [p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    for folder in sorted(folders, key=lambda p: int(p.name.split("-")[-1]), reverse=True):
+        if (folder / "trainer_state.json").is_file():
+            return str(folder)
+    return None
+
+
+def checkpoint_step(checkpoint: str | None) -> int | None:
+    if checkpoint is None:
+        return None
+    return json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"]
 
 
 def resume_checkpoint(output_dir: str, resume_from_checkpoint) -> str | None:
@@ -42,9 +59,9 @@ def resume_checkpoint(output_dir: str, resume_from_checkpoint) -> str | None:
         return resume_from_checkpoint
     explicit = resume_from_checkpoint is True or str(resume_from_checkpoint).lower() == "true"
     out = Path(output_dir)
-    last = get_last_checkpoint(str(out)) if out.is_dir() else None
+    last = last_complete_checkpoint(out) if out.is_dir() else None
     if explicit and last is None:
-        raise FileNotFoundError(f"resume_from_checkpoint is true but {output_dir} holds no checkpoint-* folder")
+        raise FileNotFoundError(f"resume_from_checkpoint is true but {output_dir} holds no complete checkpoint-* folder")
     if last is not None and (out / MANIFEST).exists() and not explicit:
         for stale in out.glob("checkpoint-*"):
             shutil.rmtree(stale, ignore_errors=True)

@@ -55,7 +55,11 @@ def _type_ok(value, tp) -> bool:
         return value is None
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, arg) for arg in typing.get_args(tp))
+        args = typing.get_args(tp)
+        enums = [a for a in args if isinstance(a, type) and issubclass(a, enum.Enum)]
+        if enums and isinstance(value, str):  # `SaveStrategy | str`: the str is the enum's value from the CLI
+            return any(_type_ok(value, e) for e in enums)
+        return any(_type_ok(value, arg) for arg in args)
     if origin is typing.Literal:
         return value in typing.get_args(tp)
     if origin in (list, tuple):
@@ -89,6 +93,9 @@ _TYPE_OVERRIDES = {"resume_from_checkpoint": str | bool | None, "lora_target_mod
 
 
 def _type_name(tp) -> str:
+    enums = [a for a in typing.get_args(tp) if isinstance(a, type) and issubclass(a, enum.Enum)]
+    if enums:
+        return _type_name(enums[0])
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         return "one of " + ", ".join(repr(m.value) for m in tp)
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")

@@ -30,9 +30,17 @@ def main(script_args, training_args, model_args):
     from train.data import load_split
     from train.loss_mask import check_pad_token, check_trainable_tokens, format_token_view, use_training_chat_template
     from train.models import load_model, load_tokenizer, resolve_model_path
-    from train.outputs import assert_adapter_changed, dataset_sha256, lora_snapshot, resume_checkpoint, save_run
+    from train.outputs import (
+        assert_adapter_changed,
+        checkpoint_step,
+        dataset_sha256,
+        final_metrics,
+        lora_snapshot,
+        resume_checkpoint,
+        save_run,
+    )
     from train.recipe import resolved_recipe
-    from train.tracking import RecipeToWandb, setup_wandb
+    from train.tracking import RecipeToWandb, finish_wandb, setup_wandb
 
     if not model_args.use_peft:
         raise ValueError("This pipeline trains LoRA adapters: set `use_peft: true` in the recipe.")
@@ -61,6 +69,7 @@ def main(script_args, training_args, model_args):
     base_path = resolve_model_path(model_args.model_name_or_path)
     model = load_model(base_path, dtype=model_args.dtype, quantization_config=get_quantization_config(model_args))
     resume = resume_checkpoint(training_args.output_dir, training_args.resume_from_checkpoint)
+    resumed_at_step = checkpoint_step(resume)  # read now: checkpoint rotation may delete the folder
 
     trainer = SFTTrainer(
         model=model,
@@ -82,8 +91,6 @@ def main(script_args, training_args, model_args):
     # One line per process, so a multi-process run shows that every rank trained.
     print(f"[rank {state.process_index} of {state.num_processes}] trained {trainer.state.global_step} steps", flush=True)
 
-    from train.outputs import final_metrics
-
     manifest = {
         "stage": "sft",
         "base_model": model_args.model_name_or_path,
@@ -96,11 +103,13 @@ def main(script_args, training_args, model_args):
             "sha256": dataset_sha256(dataset),
         },
         "resumed_from": resume,
+        "resumed_at_step": resumed_at_step,
         "adapter_check": adapter_check,
         "metrics": final_metrics(trainer, train_output),
     }
     save_run(trainer, resolved_recipe(script_args, training_args, model_args), manifest)
     state.print(f"Saved adapter to {training_args.output_dir}")
+    finish_wandb({"adapter_check": adapter_check, "data_sha256": manifest["data"]["sha256"]})
     trainer.end()
     return training_args.output_dir
 

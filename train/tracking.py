@@ -58,3 +58,16 @@ class RecipeToWandb(TrainerCallback):
         if wandb.run is not None:
             for cfg in self.configs:
                 wandb.config.update({type(cfg).__name__: dataclasses.asdict(cfg)}, allow_val_change=True)
+
+
+def finish_wandb(summary: dict) -> None:
+    """Record the stage's outcome in the run summary and close the run (flushes offline files)."""
+    import sys
+
+    if "wandb" not in sys.modules:
+        return
+    import wandb
+
+    if wandb.run is not None:
+        wandb.run.summary.update(summary)
+        wandb.finish()
