@@ -41,6 +41,9 @@ CRITIQUE_PROMPT = (
 class TeacherConfig:
     """Teacher-LLM generation over an OpenAI-compatible chat endpoint (used by `python -m data_gen teacher`)."""
 
+    teacher_backend: str = field(default="openai", metadata={
+        "help": "'openai': any OpenAI-compatible HTTP endpoint; 'transformers': teacher_model/student_model are "
+                "local models (a path, a Hub id, or smollm2-135m-instruct), generated in this process."})
     teacher_base_url: str = field(default="http://127.0.0.1:8000/v1", metadata={
         "help": "OpenAI-compatible base URL (ending in /v1); POSTs go to <base>/chat/completions."})
     teacher_model: str = field(default="", metadata={"help": "Teacher model name, sent as 'model'."})
@@ -63,6 +66,8 @@ class TeacherConfig:
     def __post_init__(self):
         if self.max_concurrency < 1 or self.max_retries < 0:
             raise ValueError("'max_concurrency' must be >= 1 and 'max_retries' >= 0")
+        if self.teacher_backend not in ("openai", "transformers"):
+            raise ValueError(f"'teacher_backend' must be 'openai' or 'transformers', got {self.teacher_backend!r}")
         if not self.teacher_base_url.startswith(("http://", "https://")):
             raise ValueError(f"'teacher_base_url' must start with http:// or https://, got {self.teacher_base_url!r}")
 
@@ -169,6 +174,48 @@ class ChatClient:
         return self.backoff_s * 2 ** (attempt - 1) * (1 + 0.25 * random.random())
 
 
+class LocalChatClient:
+    """Same interface as ChatClient, answered by local transformers models (loaded once per name).
+
+    Generation is serialised (one model forward at a time) and seeded from the request hash,
+    so a rerun reproduces answers even without the cache.
+    """
+
+    def __init__(self, cache: ResponseCache, stats: Stats):
+        self.cache, self.stats, self.lock, self.models = cache, stats, threading.Lock(), {}
+
+    def _load(self, name):
+        if name not in self.models:
+            from train.models import load_model, load_tokenizer
+
+            self.models[name] = (load_tokenizer(name), load_model(name).eval())
+        return self.models[name]
+
+    def chat(self, model, messages, *, max_tokens=512, temperature=0.7) -> str:
+        import torch
+
+        body = {"backend": "transformers", "model": model, "messages": messages, "max_tokens": max_tokens,
+                "temperature": temperature}
+        key = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+        hit = self.cache.get(key)
+        if hit is not None:
+            self.stats.add(cache_hits=1)
+            return hit
+        with self.lock:
+            self.stats.add(requests=1)
+            tok, lm = self._load(model)
+            enc = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, return_tensors="pt")
+            torch.manual_seed(int(key[:8], 16))
+            sample = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
+            with torch.no_grad():
+                out = lm.generate(**enc, max_new_tokens=max_tokens, pad_token_id=tok.pad_token_id, **sample)
+            text = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        if not text:
+            raise MalformedResponse("local model produced an empty answer")
+        self.cache.put(key, text)
+        return text
+
+
 def parse_completion(resp) -> str:
     try:
         content = resp.json()["choices"][0]["message"]["content"]
@@ -244,8 +291,11 @@ def run_teacher(jobs, specs, tcfg, cache_path, progress=True):
     cache, stats = ResponseCache(cache_path), Stats()
     key = os.environ.get(tcfg.teacher_api_key_env) or None
     opts = dict(api_key=key, timeout=tcfg.request_timeout_s, max_retries=tcfg.max_retries, backoff_s=tcfg.backoff_s)
-    teacher = ChatClient(tcfg.teacher_base_url, cache, stats, **opts)
-    student = ChatClient(tcfg.student_base_url or tcfg.teacher_base_url, cache, stats, **opts)
+    if tcfg.teacher_backend == "transformers":
+        teacher = student = LocalChatClient(cache, stats)
+    else:
+        teacher = ChatClient(tcfg.teacher_base_url, cache, stats, **opts)
+        student = ChatClient(tcfg.student_base_url or tcfg.teacher_base_url, cache, stats, **opts)
     rows, errors = [None] * len(jobs), []
     with ThreadPoolExecutor(max_workers=tcfg.max_concurrency) as pool:
         futs = {pool.submit(make_pair, j, by_name[j["trait"]], tcfg, teacher, student): i for i, j in enumerate(jobs)}

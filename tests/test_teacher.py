@@ -244,3 +244,18 @@ def test_killed_process_resumes_without_repeating_cached_requests(tmp_path):
     assert len(prompts) == len(set(prompts)) and len(train) > 0
     keys = [json.loads(line)["key"] for line in cache.read_text().splitlines() if line.strip()]
     assert len(keys) == len(set(keys))
+
+
+def test_local_transformers_teacher(tmp_path, specs, tiny_model_dir):
+    """The tiny random model answers with sampled tokens; seeded per request, cached like HTTP answers."""
+    jobs = make_jobs(3)
+    cfg = TeacherConfig(teacher_backend="transformers", teacher_model=tiny_model_dir, critique_and_revise=False,
+                        max_tokens=8, temperature=1.0)
+    rows, stats = run_teacher(jobs, specs, cfg, tmp_path / "cache.jsonl", progress=False)
+    assert rows and stats.failed == 0 and len(rows) + stats.malformed == len(jobs)
+    assert all(r["chosen"][0]["content"] != r["rejected"][0]["content"] for r in rows)
+    rows2, stats2 = run_teacher(jobs, specs, cfg, tmp_path / "cache.jsonl", progress=False)
+    assert rows2 == rows and stats2.cache_hits >= 2 * len(rows)
+    # without the cache, the per-request seed reproduces the same answers
+    rows3, _ = run_teacher(jobs, specs, cfg, tmp_path / "other_cache.jsonl", progress=False)
+    assert rows3 == rows
