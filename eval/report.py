@@ -173,7 +173,17 @@ def render_markdown(r: dict) -> str:
                 text = row["text"][:160].replace("|", "/").replace("\n", " ")
                 L.append(f"| {row['kl']:.4f} | `{t.get('token', '').strip() or repr(t.get('token'))}` ({t.get('delta_logprob', 0):+.2f}) | {row['source']} | {text} |")
             L.append("")
-    for section in ("generation", "mcq", "lm_eval"):
+    gen = r.get("generation")
+    if gen and gen.get("summary"):
+        L += ["## Free generation, judged", "", gen.get("description", ""), "",
+              "| model | trait | n | unscored | coherent share | trait score (coherent only) | pass rate |", "|---|---|---|---|---|---|---|"]
+        for rec in gen["summary"]:
+            L.append(f"| {rec['model']} | {rec['trait']} | {rec['n']} | {rec['unscored']} | {_fmt(rec['coherent_share'], True)} | "
+                     f"{_fmt(rec['trait_score'])} | {_fmt(rec['trait_pass_rate'], True)} |")
+        if gen.get("failures"):
+            L.append(f"\nJudge failures (after retries): {gen['failures']}")
+        L.append("")
+    for section in ("mcq", "lm_eval"):
         if r.get(section):
             L += [f"## {section.replace('_', ' ').title()}", "", r[section].get("description", ""), "", "```",
                   json.dumps(r[section].get("summary", r[section]), indent=1, default=_json_default)[:4000], "```", ""]

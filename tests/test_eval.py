@@ -86,9 +86,13 @@ def _run(tiny_model_dir, root, out, adapters, extra=()):
     return main(args)
 
 
-def test_end_to_end_report(tiny_model_dir, eval_setup, tmp_path):
+def test_end_to_end_report(tiny_model_dir, eval_setup, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     root = eval_setup
-    report = _run(tiny_model_dir, root, tmp_path / "out", {"sft": str(root / "sft"), "dpo": str(root / "dpo")})
+    report = _run(tiny_model_dir, root, tmp_path / "out", {"sft": str(root / "sft"), "dpo": str(root / "dpo")},
+                  ["--suites", "[preference, forgetting, diff, probes, generation]", "--generation_prompts", "3",
+                   "--max_new_tokens", "5", "--wandb", "true"])
     on_disk = json.loads((tmp_path / "out" / "report.json").read_text())
     for key in ("preference", "framing_gap", "cross_trait", "forgetting", "probes", "model_index_results", "timings"):
         assert key in on_disk, key
@@ -110,6 +114,10 @@ def test_end_to_end_report(tiny_model_dir, eval_setup, tmp_path):
     assert {"preference_accuracy.png", "forgetting.png", "cross_trait.png", "framing_gap.png", "top_diffs.png"} <= pngs
     assert all((tmp_path / "out" / "plots" / p).stat().st_size > 1000 for p in pngs)
     assert len(report["forgetting"]["top_diffs"]["dpo"]) > 0
+    gen = {(r["model"], r["trait"]): r for r in on_disk["generation"]["summary"]}
+    assert gen[("dpo", "all")]["n"] == 3 and gen[("base", "all")]["unscored"] == 0
+    assert len(on_disk["generation"]["samples"]) == 9
+    assert list(tmp_path.glob("wandb/offline-run-*")), "W&B offline run not written"
 
 
 def test_kl_zero_for_identical_model_positive_after_perturbing(tiny_model_dir, eval_setup, tmp_path):
