@@ -1,0 +1,151 @@
+"""train.publish: Hub-ready folder, model card checks, merge, and a push that fails without losing anything."""
+
+import http.server
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from train_fixtures import write_dataset
+
+from train import publish, sft
+
+REPO = Path(__file__).resolve().parents[1]
+REPORT = {
+    "model_index_results_by_adapter": {
+        "sft": [
+            {
+                "task": {"type": "text-generation", "name": "Persona trait preference"},
+                "dataset": {"type": "persona-pipeline/dpo-eval_id", "name": "Trait preference pairs (held-out)"},
+                "metrics": [{"type": "accuracy", "name": "Preference accuracy", "value": 0.625}],
+            }
+        ]
+    },
+    "model_index_results": [],
+}
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("publish")
+    data = write_dataset(root / "data", n_train=8)
+    out = root / "sft"
+    args = ["--config", str(REPO / "recipes/smoke/sft.yaml"), "--model_name_or_path", tiny_model_dir,
+            "--dataset_path", str(data), "--output_dir", str(out), "--max_steps", "2", "--save_steps", "100"]
+    sft.main(*sft.make_parser().parse_args_and_config(args))
+    return out
+
+
+@pytest.fixture
+def report(tmp_path):
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(REPORT))
+    return path
+
+
+def test_dry_run_builds_a_checked_hub_folder(adapter, report, tmp_path):
+    out = tmp_path / "hub"
+    publish.main(["--adapter", str(adapter), "--repo_id", "me/tiny-persona", "--base_model_id", "org/tiny-base",
+                  "--report", str(report), "--dataset_id", "me/persona-data", "--output_dir", str(out), "--dry-run"])
+    card = (out / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---")[1])
+    assert meta["base_model"] == "org/tiny-base" and meta["library_name"] == "peft"
+    assert meta["license"] == "apache-2.0" and meta["datasets"] == ["me/persona-data"] and "persona" in meta["tags"]
+    assert meta["model-index"] == [{"name": "tiny-persona", "results": REPORT["model_index_results_by_adapter"]["sft"]}]
+    assert "| Persona trait preference | Trait preference pairs (held-out) | Preference accuracy | 0.625 |" in card
+    assert "## Limitations" in card and "## Traits" in card and "learning_rate" in card  # the recipe is in the card
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "org/tiny-base"  # not the training machine's local path
+    weights, original = load_file(out / "adapter_model.safetensors"), load_file(adapter / "adapter_model.safetensors")
+    assert weights.keys() == original.keys() and all(torch.equal(weights[k], original[k]) for k in weights)
+    assert (out / "chat_template.jinja").read_text() == (adapter / "chat_template.jinja").read_text()
+    assert not (out.parent / "hub.building").exists()
+
+
+def test_bad_report_names_the_field(adapter, tmp_path):
+    bad = json.loads(json.dumps(REPORT))
+    bad["model_index_results_by_adapter"]["sft"][0]["metrics"][0]["value"] = "high"
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(bad))
+    with pytest.raises(publish.PublishError, match=r"model_index_results\[0\]\.metrics\[0\]: needs a type and a numeric"):
+        publish.main(["--adapter", str(adapter), "--repo_id", "me/x", "--base_model_id", "org/b",
+                      "--report", str(path), "--output_dir", str(tmp_path / "hub"), "--dry-run"])
+    assert not (tmp_path / "hub").exists()
+
+
+def test_local_base_model_needs_a_hub_id(adapter, tmp_path):
+    with pytest.raises(publish.PublishError, match="not a Hub id"):
+        publish.main(["--adapter", str(adapter), "--repo_id", "me/x", "--output_dir", str(tmp_path / "h"), "--dry-run"])
+
+
+def test_merge_matches_base_plus_adapter(adapter, tiny_model_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "merged"
+    publish.main(["--adapter", str(adapter), "--repo_id", "me/x", "--base_model_id", "org/b", "--merge",
+                  "--output_dir", str(out), "--dry-run"])
+    assert yaml.safe_load((out / "README.md").read_text().split("---")[1])["library_name"] == "transformers"
+    ids = torch.tensor([[1, 5, 9, 14, 2]])
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(adapter)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, peft_model(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_merge_into_a_4bit_base_is_refused(adapter, tmp_path):
+    quantized = tmp_path / "qlora"
+    shutil.copytree(adapter, quantized)
+    recipe = yaml.safe_load((quantized / "recipe.yaml").read_text())
+    (quantized / "recipe.yaml").write_text(yaml.safe_dump({**recipe, "load_in_4bit": True}))
+    with pytest.raises(publish.PublishError, match="quantized base"):
+        publish.main(["--adapter", str(quantized), "--repo_id", "me/x", "--base_model_id", "org/b", "--merge",
+                      "--output_dir", str(tmp_path / "m"), "--dry-run"])
+
+
+class _Always500(http.server.BaseHTTPRequestHandler):
+    def _fail(self):
+        length = int(self.headers.get("Content-Length") or 0)
+        if length:
+            self.rfile.read(length)
+        self.send_response(500)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(b'{"error": "internal error"}')
+
+    do_GET = do_POST = do_PUT = do_HEAD = _fail
+
+    def log_message(self, *args):
+        pass
+
+
+def test_failed_push_keeps_the_folder_and_never_writes_the_token(adapter, report, tmp_path):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Always500)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    token = "hf_testSECRETtoken1234567890abcdef"
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env.update(HF_ENDPOINT=f"http://127.0.0.1:{server.server_port}", HF_TOKEN=token, HF_HOME=str(tmp_path / "hf"))
+    out = tmp_path / "hub"
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "train.publish", "--adapter", str(adapter), "--repo_id", "me/tiny-persona",
+             "--base_model_id", "org/tiny-base", "--report", str(report), "--output_dir", str(out), "--retries", "2"],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        )
+    finally:
+        server.shutdown()
+    assert proc.returncode != 0
+    assert "push to me/tiny-persona failed" in proc.stderr and "is intact" in proc.stderr
+    assert (out / "adapter_model.safetensors").is_file() and (out / "README.md").is_file()
+    assert (adapter / "adapter_model.safetensors").is_file()
+    assert token not in proc.stdout + proc.stderr
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert token.encode() not in path.read_bytes(), f"token written to {path}"

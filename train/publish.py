@@ -1,0 +1,305 @@
+"""Build a Hub-ready folder for a trained adapter, check it, and optionally push it.
+
+    python -m train.publish --adapter runs/quickstart/dpo --repo_id you/smollm2-persona \\
+        --report runs/quickstart/eval/report.json --dry-run
+
+The folder holds the adapter, the tokenizer with the exact chat template used in training, the
+resolved recipe and training manifest, and a model card (README.md) with Hub metadata (base_model,
+library_name: peft, tags, datasets, license) and the eval results in the Hub's model-index format.
+`--dry-run` builds and checks it without network access. A push uploads the folder with retries;
+the token comes from HF_TOKEN or `huggingface-cli login` and is never written anywhere. The local
+folder is complete before any upload starts, so a failed push loses nothing: re-run to retry.
+`--merge` writes the adapter merged into a full-precision base instead (refused for 4-bit bases).
+"""
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+# Embedded model names (train/models.py) and the Hub repositories they were converted from.
+HUB_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+COPIED = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
+          "recipe.yaml", "training_manifest.json")
+TRAITS_DIR = Path(__file__).resolve().parents[1] / "data_gen" / "traits"
+
+
+class PublishError(ValueError):
+    pass
+
+
+def make_parser():
+    p = argparse.ArgumentParser(prog="python -m train.publish", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--adapter", required=True, help="adapter folder written by train.sft or train.dpo")
+    p.add_argument("--repo_id", required=True, help="Hub repository, e.g. your-name/smollm2-persona")
+    p.add_argument("--report", help="eval report.json; its model-index results go into the model card")
+    p.add_argument("--output_dir", help="where to build the folder (default: <adapter>/../hub/<repo name>)")
+    p.add_argument("--base_model_id", help="Hub id of the base model (default: from the training manifest)")
+    p.add_argument("--dataset_id", help="Hub id of the training dataset, for the card's `datasets` metadata")
+    p.add_argument("--license", default="apache-2.0", help="licence of the published weights (default: apache-2.0)")
+    p.add_argument("--merge", action="store_true", help="publish the adapter merged into a full-precision base")
+    p.add_argument("--merge_dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--private", action="store_true", help="create the Hub repository as private")
+    p.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
+                   help="build and check the folder only; no network")
+    p.add_argument("--retries", type=int, default=3, help="upload attempts before giving up (default: 3)")
+    return p
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise PublishError(f"{path}: {what} not found") from None
+    except json.JSONDecodeError as err:
+        raise PublishError(f"{path}: not valid JSON ({err})") from None
+
+
+def base_model_id(manifest: dict, override: str | None) -> str:
+    base = override or HUB_IDS.get(str(manifest.get("base_model", "")).lower(), manifest.get("base_model"))
+    if not base or Path(base).exists() or base.count("/") != 1:
+        raise PublishError(
+            f"base model {base!r} is not a Hub id (org/name); pass --base_model_id with the Hub id of the base"
+        )
+    return base
+
+
+def model_index_results(report_path: str | None, stage: str) -> list[dict]:
+    """The eval results for this adapter, checked entry by entry (names the bad field)."""
+    if not report_path:
+        return []
+    report = _read_json(Path(report_path), "eval report")
+    by_adapter = report.get("model_index_results_by_adapter") or {}
+    results = by_adapter.get(stage, report.get("model_index_results"))
+    if results is None:
+        raise PublishError(f"{report_path}: no 'model_index_results' list (is this an eval report.json?)")
+    if not isinstance(results, list):
+        raise PublishError(f"{report_path}: 'model_index_results' must be a list")
+    for i, r in enumerate(results):
+        where = f"{report_path}: model_index_results[{i}]"
+        if not isinstance(r.get("task"), dict) or not r["task"].get("type"):
+            raise PublishError(f"{where}: needs task.type")
+        if not isinstance(r.get("dataset"), dict) or not r["dataset"].get("type") or not r["dataset"].get("name"):
+            raise PublishError(f"{where}: needs dataset.type and dataset.name")
+        metrics = r.get("metrics")
+        if not isinstance(metrics, list) or not metrics:
+            raise PublishError(f"{where}: needs a non-empty metrics list")
+        for j, m in enumerate(metrics):
+            if not m.get("type") or not isinstance(m.get("value"), (int, float)):
+                raise PublishError(f"{where}.metrics[{j}]: needs a type and a numeric value")
+    return results
+
+
+def trait_specs(trait_names: list[str]) -> list[dict]:
+    specs = []
+    for name in trait_names:
+        path = TRAITS_DIR / f"{name}.yaml"
+        spec = yaml.safe_load(path.read_text()) if path.is_file() else {}
+        specs.append({"name": name, "description": spec.get("description", ""), "statements": spec.get("statements", [])})
+    return specs
+
+
+def _traits_of(manifest: dict) -> list[str]:
+    data_path = manifest.get("data", {}).get("path")
+    stage = manifest.get("stage", "sft")
+    try:
+        from datasets import load_from_disk
+
+        split = load_from_disk(str(Path(data_path) / stage))[manifest["data"].get("split", "train")]
+        return sorted(set(split["trait"]))
+    except Exception:  # the card still builds without the data folder; it just lists no trait specs
+        return []
+
+
+def render_card(repo_id, base, manifest, recipe_text, results, specs, license_, dataset_id, merged) -> str:
+    name = repo_id.split("/")[-1]
+    meta = {
+        "base_model": base,
+        "library_name": "transformers" if merged else "peft",
+        "license": license_,
+        "pipeline_tag": "text-generation",
+        "tags": ["persona", "alignment", "trl", "lora", manifest.get("stage", "sft")] + (["merged"] if merged else []),
+    }
+    if dataset_id:
+        meta["datasets"] = [dataset_id]
+    if results:
+        meta["model-index"] = [{"name": name, "results": results}]
+    data = manifest.get("data", {})
+    lines = [
+        "---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
+        f"# {name}", "",
+        f"A {'merged model' if merged else 'LoRA adapter'} for [{base}](https://huggingface.co/{base}) trained with "
+        f"TRL ({manifest.get('stage', '').upper()}) towards these persona traits: "
+        f"{', '.join(s['name'] for s in specs) or 'see recipe'}.",
+        "",
+        "## Use", "", "```python",
+    ]
+    if merged:
+        lines += ["from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+                  f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")',
+                  f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")']
+    else:
+        lines += ["from peft import AutoPeftModelForCausalLM", "from transformers import AutoTokenizer", "",
+                  f'model = AutoPeftModelForCausalLM.from_pretrained("{repo_id}")',
+                  f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")  # the chat template used in training']
+    lines += ["```", "", "Use the tokenizer from this repository: its chat template is the one the model was trained with.", ""]
+    if results:
+        lines += ["## Evaluation", "", "| Task | Dataset | Metric | Value |", "|---|---|---|---|"]
+        for r in results:
+            for m in r["metrics"]:
+                lines.append(f"| {r['task'].get('name', r['task']['type'])} | {r['dataset']['name']} | "
+                             f"{m.get('name', m['type'])} | {m['value']} |")
+        lines += ["", "Preference accuracy: how often the model gives the trait-consistent answer a higher "
+                  "log-likelihood than the trait-violating one on held-out pairs (0.5 = chance).", ""]
+    lines += ["## Traits", ""]
+    for s in specs:
+        lines += [f"### {s['name']}", "", s["description"].strip(), ""] + [f"- {st}" for st in s["statements"]] + [""]
+    lines += [
+        "## Training", "",
+        f"- Stage: {manifest.get('stage')}" + (f" (continuing the SFT adapter {manifest['sft_adapter']})"
+                                               if manifest.get("sft_adapter") else ""),
+        f"- Training examples: {data.get('examples', data.get('pairs'))}, data sha256 `{data.get('sha256')}`",
+        f"- Libraries: {', '.join(f'{k} {v}' for k, v in manifest.get('versions', {}).items())}",
+        f"- Final metrics: {json.dumps({k: v for k, v in manifest.get('metrics', {}).items() if 'loss' in k})}",
+        "", "Recipe (`recipe.yaml`):", "", "```yaml", recipe_text.strip(), "```", "",
+        "## Limitations", "",
+        "- The training data is synthetic and templated; trait scores are measured on held-out pairs from the "
+        "same generator (plus out-of-distribution splits), not on human judgements.",
+        "- Higher log-likelihood for trait-consistent answers does not guarantee such answers in free generation, "
+        "nor robustness to adversarial prompting.",
+        "- Fine-tuning can change behaviour outside the target traits; see the forgetting results (KL drift, "
+        "capability probes) and check what matters for your use.",
+        "- Small base models are weak; do not rely on this model for medical, legal or safety-critical advice.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def check_folder(folder: Path, merged: bool) -> None:
+    """Local checks the Hub would make (no network): files, card metadata, model-index."""
+    from huggingface_hub import ModelCard
+    from huggingface_hub.repocard_data import model_index_to_eval_results
+
+    needed = ("config.json", "README.md") if merged else (*ADAPTER_FILES, "README.md")
+    missing = [f for f in needed if not (folder / f).is_file()]
+    if missing:
+        raise PublishError(f"{folder}: missing {missing}")
+    if not any(folder.glob("*.safetensors")):
+        raise PublishError(f"{folder}: no weights (*.safetensors)")
+    card = ModelCard.load(folder / "README.md")
+    meta = card.data.to_dict()
+    for key in ("base_model", "library_name", "license", "tags"):
+        if not meta.get(key):
+            raise PublishError(f"{folder / 'README.md'}: metadata lacks {key}")
+    if meta.get("model-index"):
+        model_index_to_eval_results(meta["model-index"])  # raises on a malformed model-index
+    if not merged:
+        config = _read_json(folder / "adapter_config.json", "adapter config")
+        if config.get("base_model_name_or_path") != meta["base_model"]:
+            raise PublishError(f"{folder}: adapter_config.json base_model_name_or_path differs from the card")
+
+
+def _merge(adapter: Path, base_path: str, folder: Path, dtype: str, recipe: dict) -> None:
+    if recipe.get("load_in_4bit") or recipe.get("load_in_8bit"):
+        raise PublishError(
+            f"{adapter}: trained on a quantized base (load_in_4bit/8bit); merging into it degrades the model. "
+            "Publish the adapter (no --merge), or merge it into the full-precision base yourself."
+        )
+    import torch
+    from peft import PeftModel
+
+    from train.models import load_model
+
+    model = PeftModel.from_pretrained(load_model(base_path, dtype=getattr(torch, dtype)), str(adapter))
+    model.merge_and_unload().save_pretrained(str(folder))
+
+
+def build(args) -> Path:
+    adapter = Path(args.adapter)
+    manifest = _read_json(adapter / "training_manifest.json", "training manifest (is this a train.sft/dpo output?)")
+    for f in ADAPTER_FILES:
+        if not (adapter / f).is_file():
+            raise PublishError(f"{adapter}: missing {f}")
+    base = base_model_id(manifest, args.base_model_id)
+    results = model_index_results(args.report, manifest.get("stage", ""))
+    recipe_text = (adapter / "recipe.yaml").read_text() if (adapter / "recipe.yaml").is_file() else ""
+    folder = Path(args.output_dir or adapter.parent / "hub" / args.repo_id.split("/")[-1])
+    if folder.resolve() == adapter.resolve():
+        raise PublishError("--output_dir must differ from the adapter folder")
+    tmp = folder.with_name(folder.name + ".building")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in COPIED:
+        if (adapter / f).is_file():
+            shutil.copy2(adapter / f, tmp / f)
+    if args.merge:
+        _merge(adapter, manifest.get("base_model_path") or manifest["base_model"], tmp, args.merge_dtype,
+               yaml.safe_load(recipe_text) or {})
+    else:
+        shutil.copy2(adapter / "adapter_model.safetensors", tmp / "adapter_model.safetensors")
+        config = _read_json(adapter / "adapter_config.json", "adapter config")
+        config["base_model_name_or_path"] = base  # the training machine's local path means nothing on the Hub
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    card = render_card(args.repo_id, base, manifest, recipe_text, results, trait_specs(_traits_of(manifest)),
+                       args.license, args.dataset_id, args.merge)
+    (tmp / "README.md").write_text(card)
+    check_folder(tmp, args.merge)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)  # the folder appears only once complete and checked
+    return folder
+
+
+def push(folder: Path, repo_id: str, private: bool, retries: int) -> str:
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        raise PublishError("HF_HUB_OFFLINE is set: unset it to push (the folder is built and kept)")
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    api = HfApi(endpoint=os.environ.get("HF_ENDPOINT"))  # token: HF_TOKEN or the saved login, never passed around
+    last = None
+    for attempt in range(1, retries + 1):
+        try:
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message="Upload from persona-pipeline")
+            return str(getattr(info, "commit_url", info))
+        except (HfHubHTTPError, OSError) as err:
+            last = err
+            status = getattr(getattr(err, "response", None), "status_code", None)
+            if status is not None and 400 <= status < 500 and status != 429:
+                break  # auth or bad request: retrying will not help
+            print(f"push attempt {attempt}/{retries} failed ({type(err).__name__}, status {status}); retrying",
+                  file=sys.stderr)
+            time.sleep(min(2 ** attempt, 10))
+    raise PublishError(f"push to {repo_id} failed: {type(last).__name__}: {_redact(str(last))}. "
+                       f"The local folder {folder} is intact; re-run the command to retry.")
+
+
+def _redact(text: str) -> str:
+    token = os.environ.get("HF_TOKEN")
+    return text.replace(token, "***") if token else text
+
+
+def main(argv=None) -> Path:
+    args = make_parser().parse_args(argv)
+    folder = build(args)
+    print(f"Built {folder} ({'merged model' if args.merge else 'adapter'}; model card checked)")
+    if args.dry_run:
+        print("Dry run: nothing pushed.")
+        return folder
+    url = push(folder, args.repo_id, args.private, args.retries)
+    print(f"Pushed to {url}")
+    return folder
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except PublishError as err:
+        sys.exit(f"error: {err}")
