@@ -1,0 +1,245 @@
+"""Training throughput of TRL's SFTTrainer and DPOTrainer on CPU: TRL's defaults against the project's fast settings.
+
+    python scripts/bench_train.py                          # SFT and DPO, plain vs fast, 2 interleaved repeats
+    python scripts/bench_train.py --levers --repeats 1    # the speed levers one by one (the README table)
+
+Every measurement trains a fresh LoRA (r=16, all-linear) on the embedded SmolLM2-135M-Instruct, in its own
+subprocess (thread environment and peak memory are per process), on the same synthetic examples (~135 tokens,
+generated here) in the same order. Reported: real (non-padding) tokens/s for SFT, pairs/s for DPO, both over the
+steps after the first; the ratio to plain (median over repeats, plain and fast runs interleaved because the machine
+is shared and noisy); peak RSS; the last step's training loss and the loss on held-out examples after training.
+"plain" is TRL's defaults except `bf16=False` (TRL's `bf16=True` default is slower on CPUs without native bf16;
+`--levers` measures it).
+"""
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+WORDS = (
+    "the a care honest calm answer question help people model truth kindness patience because when about think "
+    "know feel world work time way system user request reply share explain careful clear gentle steady accept "
+    "reduce instance fewer copies running shut down safe sure maybe sorry glad listen worry plan"
+).split()
+
+# name -> (SFT/DPO config overrides on top of plain, environment, label-only LM head, LoRA dropout or None).
+# The levers are cumulative, in this order, so each row's gain over the row above is that lever's own effect.
+PASSIVE = {"OMP_WAIT_POLICY": "PASSIVE"}
+BF16 = {"bf16": True, "use_cpu": True}  # transformers refuses bf16 on a CPU-only machine without use_cpu
+NO_GC = {"gradient_checkpointing": False}
+SFT_FAST = {**NO_GC, "padding_free": True, "max_length": None}  # the examples are far shorter than max_length
+LEVERS = {
+    "sft": {
+        "plain": ({}, {}, False, None),
+        "plain + bf16=True (TRL's own default)": (BF16, {}, False, None),
+        "+ OMP_WAIT_POLICY=PASSIVE": ({}, PASSIVE, False, None),
+        "+ gradient_checkpointing=False": (NO_GC, PASSIVE, False, None),
+        "+ label-only LM head": (NO_GC, PASSIVE, True, None),
+        "+ padding_free=True (= fast)": (SFT_FAST, PASSIVE, True, None),
+        "fast + bf16=True": ({**SFT_FAST, **BF16}, PASSIVE, True, None),
+        "fast + lora_dropout=0": (SFT_FAST, PASSIVE, True, 0.0),
+    },
+    "dpo": {
+        "plain": ({}, {}, False, None),
+        "plain + bf16=True (TRL's own default)": (BF16, {}, False, None),
+        "+ OMP_WAIT_POLICY=PASSIVE": ({}, PASSIVE, False, None),
+        "+ gradient_checkpointing=False": (NO_GC, PASSIVE, False, None),
+        "+ label-only LM head (= fast)": (NO_GC, PASSIVE, True, None),
+        "fast + precompute_ref_log_probs=True": ({**NO_GC, "precompute_ref_log_probs": True}, PASSIVE, True, None),
+        "fast + bf16=True": ({**NO_GC, **BF16}, PASSIVE, True, None),
+        "fast + lora_dropout=0": (NO_GC, PASSIVE, True, 0.0),
+    },
+}
+
+
+def fast_variant(stage: str):
+    from train.cpu_speed import fast_cpu_overrides
+
+    overrides = fast_cpu_overrides(stage)
+    if overrides.get("padding_free"):
+        overrides["max_length"] = None  # the synthetic examples are far shorter than any max_length
+    return overrides, PASSIVE, True, None
+
+
+def synthetic_sft(n: int, seed: int):
+    rng = random.Random(seed)
+
+    def text(lo, hi, end):
+        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi))) + end
+
+    return [
+        {"messages": [{"role": "user", "content": text(15, 35, "?")}, {"role": "assistant", "content": text(55, 110, ".")}]}
+        for _ in range(n)
+    ]
+
+
+def synthetic_dpo(n: int, seed: int):
+    rng = random.Random(seed)
+
+    def text(lo, hi, end):
+        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi))) + end
+
+    return [
+        {
+            "prompt": [{"role": "user", "content": text(15, 35, "?")}],
+            "chosen": [{"role": "assistant", "content": text(30, 60, ".")}],
+            "rejected": [{"role": "assistant", "content": text(30, 60, ".")}],
+        }
+        for _ in range(n)
+    ]
+
+
+def worker(stage: str, variant: str, steps: int, batch_size: int, lora_dropout: float) -> dict:
+    """Train one variant in this process and return its measurements."""
+    import resource
+
+    import datasets
+    import torch
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+
+    from train.chat_template import training_chat_template
+    from train.cpu_speed import use_label_only_lm_head
+    from train.models import load_model, load_tokenizer
+
+    overrides, _, label_only, dropout = fast_variant(stage) if variant == "fast" else LEVERS[stage][variant]
+    tokenizer = load_tokenizer("smollm2-135m-instruct")
+    tokenizer.chat_template = training_chat_template(tokenizer)
+    model = load_model("smollm2-135m-instruct")
+    n = steps * batch_size
+    make = synthetic_sft if stage == "sft" else synthetic_dpo
+    train, held_out = datasets.Dataset.from_list(make(n, 0)), datasets.Dataset.from_list(make(16, 1))
+    kwargs = dict(
+        output_dir=f"/tmp/bench_train/{stage}", max_steps=steps, per_device_train_batch_size=batch_size,
+        per_device_eval_batch_size=8, learning_rate=2e-4, bf16=False, report_to="none", save_strategy="no",
+        logging_steps=1, disable_tqdm=True, seed=0,
+    )
+    if stage == "sft":
+        kwargs["assistant_only_loss"] = True
+    kwargs.update(overrides)
+    lora = LoraConfig(
+        r=16, lora_alpha=32, lora_dropout=lora_dropout if dropout is None else dropout,
+        target_modules="all-linear", task_type="CAUSAL_LM",
+    )
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    if stage == "sft":
+        trainer = SFTTrainer(model=model, args=SFTConfig(**kwargs), train_dataset=train, eval_dataset=held_out,
+                             processing_class=tokenizer, peft_config=lora)
+    else:
+        trainer = DPOTrainer(model=model, args=DPOConfig(**kwargs), train_dataset=train, eval_dataset=held_out,
+                             processing_class=tokenizer, peft_config=lora)
+    setup_s = time.perf_counter() - start
+    if label_only and not use_label_only_lm_head(trainer):
+        raise RuntimeError("the label-only LM head was not applied")
+
+    class StepTimes(TrainerCallback):
+        times, tokens = [], []
+
+        def on_step_end(self, args, state, control, **kw):
+            self.times.append(time.perf_counter())
+            self.tokens.append(getattr(trainer, "_total_train_tokens", 0))
+
+    trainer.add_callback(StepTimes)
+    start = time.perf_counter()
+    trainer.train()
+    train_s = time.perf_counter() - start
+    t, tok = StepTimes.times, StepTimes.tokens
+    timed_s = t[-1] - t[0]  # steps after the first (warm-up: allocations, first-call dispatch)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    eval_loss = trainer.evaluate()["eval_loss"]
+    result = {
+        "stage": stage, "variant": variant, "steps": steps, "batch_size": batch_size,
+        "step_s": timed_s / (len(t) - 1), "setup_s": setup_s, "train_s": train_s,
+        "last_loss": losses[-1], "eval_loss": eval_loss,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    if stage == "sft":
+        result["tokens_per_s"] = (tok[-1] - tok[0]) / timed_s
+    else:
+        result["pairs_per_s"] = batch_size * (len(t) - 1) / timed_s
+        # precompute_ref_log_probs moves the reference forwards into setup: count them, per pair trained
+        result["pairs_per_s_with_setup"] = batch_size * steps / (train_s + setup_s)
+    return result
+
+
+def run_variant(stage, variant, args) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env.update(HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false")
+    env.update(PASSIVE if variant == "fast" else LEVERS[stage][variant][1])
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, __file__, "--worker", variant, "--stage", stage, "--steps", str(args.steps),
+           "--batch-size", str(args.batch_size), "--lora-dropout", str(args.lora_dropout)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("BENCH ")]
+    if proc.returncode != 0 or not lines:
+        sys.exit(f"{stage}/{variant} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    result = json.loads(lines[-1][len("BENCH "):])
+    print(f"  {stage:3} {variant:32} {json.dumps({k: round(v, 3) for k, v in result.items() if isinstance(v, float)})}",
+          flush=True)
+    return result
+
+
+def summarise(stage: str, results: dict[str, list[dict]]) -> list[str]:
+    rate = "tokens_per_s" if stage == "sft" else "pairs_per_s"
+    unit = "tokens/s" if stage == "sft" else "pairs/s"
+    plain = results["plain"]
+    lines = [f"\n{stage.upper()}: median over {len(plain)} run(s); ratio = median of per-repeat ratios to plain",
+             f"| setting | {unit} | ratio vs plain | peak RSS MB | last-step loss | held-out loss |",
+             "|---|---|---|---|---|---|"]
+    for variant, runs in results.items():
+        ratios = [r[rate] / p[rate] for r, p in zip(runs, plain)]
+        med = lambda key: statistics.median(r[key] for r in runs)  # noqa: E731
+        lines.append(f"| {variant} | {med(rate):.1f} | {statistics.median(ratios):.2f}x | {med('peak_rss_mb'):.0f} "
+                     f"| {med('last_loss'):.4f} | {med('eval_loss'):.4f} |")
+        if stage == "dpo":
+            lines[-1] += f" (with setup: {med('pairs_per_s_with_setup'):.2f} pairs/s)"
+    return lines
+
+
+def make_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stage", choices=["sft", "dpo", "both"], default="both")
+    parser.add_argument("--steps", type=int, default=3, help="Optimizer steps per run; the first is not timed.")
+    parser.add_argument("--batch-size", type=int, default=8, help="Examples (SFT) or pairs (DPO) per step.")
+    parser.add_argument("--repeats", type=int, default=2, help="Interleaved repeats of each setting.")
+    parser.add_argument("--levers", action="store_true", help="Measure the speed levers one by one (cumulative).")
+    parser.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout (TRL's ModelConfig default).")
+    parser.add_argument("--timeout", type=int, default=1800, help="Seconds before one run is abandoned.")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    return parser
+
+
+def main(args):
+    if args.steps < 2:
+        sys.exit("--steps must be at least 2 (the first step is not timed)")
+    if args.worker:
+        print("BENCH " + json.dumps(worker(args.stage, args.worker, args.steps, args.batch_size, args.lora_dropout)))
+        return
+    stages = ["sft", "dpo"] if args.stage == "both" else [args.stage]
+    load = os.getloadavg()[0]
+    print(f"{os.cpu_count()} CPUs, load average {load:.1f} at start; {args.steps} steps x {args.batch_size}, "
+          f"{args.repeats} repeat(s)")
+    report = []
+    for stage in stages:
+        variants = list(LEVERS[stage]) if args.levers else ["plain", "fast"]
+        results = {v: [] for v in variants}
+        for _ in range(args.repeats):
+            for variant in variants:
+                results[variant].append(run_variant(stage, variant, args))
+        report += summarise(stage, results)
+    print(f"load average {os.getloadavg()[0]:.1f} at end")
+    print("\n".join(report))
+
+
+if __name__ == "__main__":
+    main(make_parser().parse_args())

@@ -1,0 +1,136 @@
+"""The CPU speed settings: chosen by the hardware, and training the same as TRL's defaults."""
+
+import os
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import LoraConfig
+from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+
+from tests.train_fixtures import dpo_rows, sft_rows
+from train.chat_template import training_chat_template
+from train.cpu_speed import cpu_flags, cpu_supports_bf16, fast_cpu_overrides, set_cpu_thread_env, use_label_only_lm_head
+from train.models import load_model, load_tokenizer
+
+LORA = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+
+
+def test_cpu_flags_read_from_cpuinfo(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16 amx_tile\n\nprocessor\t: 1\nflags\t\t: fpu\n")
+    assert cpu_flags(info) == {"fpu", "avx512f", "avx512_bf16", "amx_tile"}
+    assert cpu_flags(tmp_path / "missing") == set()
+
+
+def test_bf16_only_where_the_cpu_has_native_bf16():
+    assert cpu_supports_bf16({"avx512f", "avx512_bf16"})
+    assert cpu_supports_bf16({"amx_bf16"})
+    assert not cpu_supports_bf16({"avx512f", "avx512_vnni", "avx2"})  # emulated bf16: slower than fp32
+    assert fast_cpu_overrides("sft", flags={"avx512_bf16"}, accelerator=False)["bf16"] is True
+    assert fast_cpu_overrides("dpo", flags={"avx2"}, accelerator=False)["bf16"] is False
+
+
+def test_overrides_per_stage_and_none_on_gpu():
+    sft = fast_cpu_overrides("sft", flags=set(), accelerator=False)
+    assert sft["gradient_checkpointing"] is False and sft["padding_free"] is True
+    assert "padding_free" not in fast_cpu_overrides("dpo", flags=set(), accelerator=False)  # DPOTrainer ignores it
+    assert fast_cpu_overrides("sft", accelerator=True) == {}
+    with pytest.raises(ValueError, match="stage"):
+        fast_cpu_overrides("ppo", accelerator=False)
+    # Every key is a real field of the config it is meant for
+    SFTConfig(output_dir="x", **{**sft, "max_length": None})
+    DPOConfig(output_dir="x", **fast_cpu_overrides("dpo", flags=set(), accelerator=False))
+
+
+def test_thread_env_keeps_a_user_choice(monkeypatch):
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    set_cpu_thread_env()
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    set_cpu_thread_env()
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+
+
+def _sft_trainer(model_dir, tmp_path, n=8, **overrides):
+    tokenizer = load_tokenizer(model_dir)
+    tokenizer.chat_template = training_chat_template(tokenizer)
+    torch.manual_seed(0)
+    args = dict(
+        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=5e-3, bf16=False,
+        report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0, assistant_only_loss=True,
+    )
+    args.update(overrides)
+    rows = [{"messages": r["messages"]} for r in sft_rows(n)]
+    return SFTTrainer(
+        model=load_model(model_dir), args=SFTConfig(**args), train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer, peft_config=LoraConfig(**LORA),
+    )
+
+
+def _loss_and_grads(model, batch):
+    model.zero_grad()
+    out = model(**batch, fused_lm_head=True)
+    out.loss.backward()
+    grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    return out, grads
+
+
+def test_label_only_head_matches_trl_head(tiny_model_dir, tmp_path):
+    trainer = _sft_trainer(tiny_model_dir, tmp_path, gradient_checkpointing=False)
+    trainer.model.train()
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert (batch["labels"] == -100).any()  # prompt and padding positions are skipped by the new head
+    ref, ref_grads = _loss_and_grads(trainer.model, batch)
+    assert use_label_only_lm_head(trainer)
+    out, grads = _loss_and_grads(trainer.model, batch)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-5)
+    for field in ("log_probs", "entropy"):
+        torch.testing.assert_close(getattr(out, field), getattr(ref, field), rtol=1e-4, atol=1e-4)
+    assert torch.equal(out.is_top1, ref.is_top1) and torch.equal(out.label_mask, ref.label_mask)
+    torch.testing.assert_close(grads, ref_grads, rtol=1e-4, atol=1e-6)
+    # Generation (unfused forward) still goes through the model's own head
+    assert trainer.model(input_ids=batch["input_ids"][:1]).logits.shape[-1] == trainer.model.config.vocab_size
+
+
+def test_fast_settings_train_like_plain_ones(tiny_model_dir, tmp_path):
+    plain = _sft_trainer(tiny_model_dir, tmp_path / "plain")
+    plain.train()
+    overrides = fast_cpu_overrides("sft", flags=set(), accelerator=False)  # fp32, as plain: losses comparable
+    fast = _sft_trainer(tiny_model_dir, tmp_path / "fast", **{**overrides, "max_length": None})
+    assert use_label_only_lm_head(fast)
+    batch = next(iter(fast.get_train_dataloader()))
+    assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch  # padding-free: one row, no pads
+    fast.train()
+    losses = [[h["loss"] for h in t.state.log_history if "loss" in h] for t in (plain, fast)]
+    assert len(losses[0]) == len(losses[1]) == 4
+    assert losses[0][-1] < losses[0][0]  # it trains at all
+    assert losses[1] == pytest.approx(losses[0], rel=2e-3)  # same batches, same steps, same losses
+
+
+def test_dpo_loss_unchanged_by_label_only_head(tiny_model_dir, tmp_path):
+    tokenizer = load_tokenizer(tiny_model_dir)
+    tokenizer.chat_template = training_chat_template(tokenizer)
+    rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in dpo_rows(4)]
+    args = DPOConfig(
+        output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, report_to="none",
+        save_strategy="no", disable_tqdm=True, seed=0, **fast_cpu_overrides("dpo", flags=set(), accelerator=False),
+    )
+    trainer = DPOTrainer(
+        model=load_model(tiny_model_dir), args=args, train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer, peft_config=LoraConfig(**LORA),
+    )
+    # Move the adapter off zero so that policy and reference differ
+    with torch.no_grad():
+        for name, p in trainer.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02, generator=torch.Generator().manual_seed(0))
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    ref_loss = trainer.compute_loss(trainer.model, dict(batch))
+    ref_metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    assert use_label_only_lm_head(trainer)
+    loss = trainer.compute_loss(trainer.model, dict(batch))
+    metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for key in ("rewards/chosen", "rewards/margins", "logits/chosen", "entropy", "mean_token_accuracy"):
+        assert metrics[key] == pytest.approx(ref_metrics[key], rel=1e-3, abs=1e-5), key
