@@ -89,7 +89,10 @@ def fast_cpu_overrides(stage: str, flags: set[str] | None = None, accelerator: b
         "dataloader_pin_memory": False,  # nothing to pin for on CPU
     }
     if stage == "sft":
-        overrides["padding_free"] = True  # DPOTrainer 1.16 ignores padding_free (it warns and pads)
+        # Real tokens only, no padding to the batch's longest. SFTTrainer then refuses a `max_length` (it could not
+        # enforce it without packing), so a recipe that truncates sets `padding_free: false`. DPOTrainer 1.16
+        # ignores padding_free (it warns and pads), so DPO keeps its own.
+        overrides.update(padding_free=True, max_length=None)
     return overrides
 
 
