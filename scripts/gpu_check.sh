@@ -57,7 +57,7 @@ echo "== converting the embedded model (once)"
 DEVICE=(--use_cpu false --bf16 true --dtype bfloat16)
 [[ "${REHEARSAL:-0}" == 1 ]] && DEVICE=(--use_cpu true --bf16 false --dtype float32)
 COMMON=(--model_name_or_path smollm2-135m-instruct --dataset_path "$OUT/data" "${DEVICE[@]}" --max_steps "$STEPS" --per_device_train_batch_size "$BATCH" --logging_steps 5
-        --save_strategy no --report_to none --gradient_checkpointing false --max_length 1024)
+        --save_strategy no --report_to none --gradient_checkpointing false)
 ACC=(-m accelerate.commands.launch --config_file recipes/accelerate_configs/single_gpu.yaml)
 [[ "${REHEARSAL:-0}" == 1 ]] && ACC=(-m accelerate.commands.launch --config_file recipes/accelerate_configs/cpu.yaml)
 declare -a DONE=()

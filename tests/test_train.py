@@ -96,7 +96,7 @@ def test_example_without_trainable_token_is_named_before_the_model_loads(tiny_mo
     data = write_dataset(tmp_path / "data", sft=rows)
     with pytest.raises(ValueError, match=r"1 training example\(s\).*train-0002"):
         # A missing base model would fail differently, so reaching the model load would show.
-        run_stage(sft, *sft_args(tiny_model_dir, data, tmp_path / "out", "--max_length", "64"))
+        run_stage(sft, *sft_args(tiny_model_dir, data, tmp_path / "out", "--max_length", "64", "--padding_free", "false"))
     assert not (tmp_path / "out").exists()
 
 
@@ -210,10 +210,10 @@ def _wait_for(predicate, timeout):
 
 def test_killed_run_resumes_from_last_checkpoint(tiny_model_dir, data_dir, tmp_path, no_wandb_env):
     out = tmp_path / "killed"
-    args = sft_args(tiny_model_dir, data_dir, out, "--max_steps", "60", "--save_steps", "10", "--logging_steps", "10")
+    args = sft_args(tiny_model_dir, data_dir, out, "--max_steps", "30", "--save_steps", "5", "--logging_steps", "5")
     proc = subprocess.Popen([PY, "-m", "train.sft", *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        assert _wait_for(lambda: (out / "checkpoint-10" / "trainer_state.json").exists(), 120), "no checkpoint"
+        assert _wait_for(lambda: (out / "checkpoint-5" / "trainer_state.json").exists(), 120), "no checkpoint"
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
     finally:
@@ -224,17 +224,17 @@ def test_killed_run_resumes_from_last_checkpoint(tiny_model_dir, data_dir, tmp_p
 
     checkpoint = last_complete_checkpoint(out)
     step = json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"]
-    assert 10 <= step < 60 and (Path(checkpoint) / "optimizer.pt").is_file()
+    assert 5 <= step < 30 and (Path(checkpoint) / "optimizer.pt").is_file()
     assert (Path(checkpoint) / "scheduler.pt").is_file() and (Path(checkpoint) / "rng_state.pth").is_file()
 
     run_stage(sft, *args)  # same command again: picks up the checkpoint by itself
     manifest = json.loads((out / "training_manifest.json").read_text())
     assert manifest["resumed_from"] == checkpoint and manifest["resumed_at_step"] == step
-    assert manifest["metrics"]["global_step"] == 60
+    assert manifest["metrics"]["global_step"] == 30
 
     # Optimizer, scheduler and data order were restored: same adapter as a run never interrupted.
     straight = tmp_path / "straight"
-    run_stage(sft, *sft_args(tiny_model_dir, data_dir, straight, "--max_steps", "60", "--save_steps", "1000"))
+    run_stage(sft, *sft_args(tiny_model_dir, data_dir, straight, "--max_steps", "30", "--save_steps", "1000"))
     resumed_w, straight_w = load_file(out / "adapter_model.safetensors"), load_file(straight / "adapter_model.safetensors")
     for key in straight_w:
         torch.testing.assert_close(resumed_w[key], straight_w[key], rtol=1e-4, atol=1e-5)

@@ -18,6 +18,10 @@ import sys
 
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")  # TRL pings telemetry when a trainer is created
 
+from train.cpu_speed import set_cpu_thread_env  # noqa: E402
+
+set_cpu_thread_env()  # before torch loads: OpenMP threads must sleep, not spin, on a shared CPU
+
 from train.recipe import ScriptArguments  # noqa: E402
 
 
@@ -32,7 +36,12 @@ class DPOScriptArguments(ScriptArguments):
 def make_parser():
     from trl import DPOConfig, ModelConfig, TrlParser
 
-    return TrlParser((DPOScriptArguments, DPOConfig, ModelConfig), description=__doc__.split("\n\n")[0])
+    from train.cpu_speed import fast_cpu_overrides
+
+    parser = TrlParser((DPOScriptArguments, DPOConfig, ModelConfig), description=__doc__.split("\n\n")[0])
+    # Hardware-chosen defaults ({} with a GPU); the recipe and the command line still override them.
+    parser.set_defaults(**fast_cpu_overrides("dpo"))
+    return parser
 
 
 def _base_of(adapter_dir: str) -> str:
@@ -50,6 +59,7 @@ def main(script_args, training_args, model_args):
     from peft import PeftModel
     from trl import DPOTrainer, get_peft_config, get_quantization_config
 
+    from train.cpu_speed import use_label_only_lm_head
     from train.data import load_split
     from train.loss_mask import check_pad_token, check_preference_pairs, use_training_chat_template
     from train.models import load_model, load_tokenizer, resolve_model_path
@@ -123,6 +133,7 @@ def main(script_args, training_args, model_args):
         f"{state.num_processes} process(es){f', resuming from {resume}' if resume else ''}"
     )
 
+    use_label_only_lm_head(trainer)  # CPU only: score labelled positions, not the whole padded batch
     before = lora_snapshot(trainer.model)
     train_output = trainer.train(resume_from_checkpoint=resume)
     adapter_check = assert_adapter_changed(before, trainer.model)

@@ -14,19 +14,29 @@ import sys
 
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")  # TRL pings telemetry when a trainer is created
 
+from train.cpu_speed import set_cpu_thread_env  # noqa: E402
+
+set_cpu_thread_env()  # before torch loads: OpenMP threads must sleep, not spin, on a shared CPU
+
 
 def make_parser():
     from trl import ModelConfig, SFTConfig, TrlParser
 
     from train.recipe import ScriptArguments
 
-    return TrlParser((ScriptArguments, SFTConfig, ModelConfig), description=__doc__.split("\n\n")[0])
+    from train.cpu_speed import fast_cpu_overrides
+
+    parser = TrlParser((ScriptArguments, SFTConfig, ModelConfig), description=__doc__.split("\n\n")[0])
+    # Hardware-chosen defaults ({} with a GPU); the recipe and the command line still override them.
+    parser.set_defaults(**fast_cpu_overrides("sft"))
+    return parser
 
 
 def main(script_args, training_args, model_args):
     from accelerate import PartialState
     from trl import SFTTrainer, get_peft_config, get_quantization_config
 
+    from train.cpu_speed import use_label_only_lm_head
     from train.data import load_split
     from train.loss_mask import check_pad_token, check_trainable_tokens, format_token_view, use_training_chat_template
     from train.models import load_model, load_tokenizer, resolve_model_path
@@ -85,6 +95,7 @@ def main(script_args, training_args, model_args):
         f"{state.num_processes} process(es){f', resuming from {resume}' if resume else ''}"
     )
 
+    use_label_only_lm_head(trainer)  # CPU only: score labelled positions, not the whole padded batch
     before = lora_snapshot(trainer.model)
     train_output = trainer.train(resume_from_checkpoint=resume)
     adapter_check = assert_adapter_changed(before, trainer.model)
