@@ -1,6 +1,9 @@
 """`python -m data_gen --config R.yaml` (offline generator) or `python -m data_gen teacher --config R.yaml`."""
 
+import os
 import sys
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads; see train/cpu_speed.py
 
 from .leakage import LeakageError
 from .recipe import RecipeError
