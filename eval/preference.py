@@ -1,8 +1,10 @@
 """Preference accuracy and log-likelihood margins on held-out DPO pairs, per trait, split and axis; framing gap.
 
-A pair counts as correct when the model gives the trait-consistent (chosen) answer a higher total
-log-likelihood than the violating (rejected) one. The margin is the difference in total log-likelihood;
-the length-normalised margin compares mean per-token log-likelihoods instead.
+Two accuracies per pair set. `norm_accuracy` (the headline, lm-eval's `acc_norm` idea): the share of pairs where
+the trait-consistent (chosen) answer has the higher MEAN per-token log-likelihood. `accuracy`: the same with
+SUMMED log-likelihoods, which penalises every extra token, so when chosen answers are systematically longer (or
+shorter) than rejected ones it measures length as much as the trait. The margins are the differences in summed and
+in mean per-token log-likelihood.
 """
 
 from __future__ import annotations
@@ -17,6 +19,10 @@ from eval.scoring import render_chat, score_items
 from eval.stats import paired_delta, summarize
 
 SPLITS = ("eval_id", "eval_ood")
+# report metric -> per-pair array from score_pairs
+METRICS = (("norm_accuracy", "norm_correct"), ("accuracy", "correct"), ("norm_margin", "norm_margin"), ("margin", "margin"))
+# chosen and rejected answers whose mean token lengths differ by more than this make summed accuracy a length test
+LENGTH_GAP_WARN = 0.15
 REQUIRED = ("prompt", "chosen", "rejected", "trait", "split", "axis", "framing", "pair_id", "id")
 
 
@@ -63,7 +69,8 @@ def _subsample(rows, k, seed):
 
 
 def score_pairs(variants, rows: list[dict], batch_size: int, max_length: int) -> dict[str, dict]:
-    """Per variant: arrays `margin`, `norm_margin`, `correct` aligned with `rows`."""
+    """Per variant: arrays `margin`, `norm_margin`, `correct`, `norm_correct`, `chosen_tokens`, `rejected_tokens`
+    aligned with `rows`."""
     tok = variants.tokenizer
     items = []
     for r in rows:
@@ -74,10 +81,14 @@ def score_pairs(variants, rows: list[dict], batch_size: int, max_length: int) ->
     for name, s in scores.items():
         lp, n = s["logprob"], s["n_tokens"]
         margin = lp[0::2] - lp[1::2]
+        norm_margin = lp[0::2] / n[0::2] - lp[1::2] / n[1::2]
         out[name] = {
             "margin": margin,
-            "norm_margin": lp[0::2] / n[0::2] - lp[1::2] / n[1::2],
+            "norm_margin": norm_margin,
             "correct": (margin > 0).astype(float),
+            "norm_correct": (norm_margin > 0).astype(float),
+            "chosen_tokens": n[0::2],
+            "rejected_tokens": n[1::2],
         }
     return out
 
@@ -101,7 +112,7 @@ def preference_tables(rows, scored, n_boot: int, seed: int) -> list[dict]:
         idx = np.array(idx)
         for name, s in scored.items():
             rec = {"trait": trait, "split": split, "axis": axis, "model": name}
-            for metric, key in (("accuracy", "correct"), ("margin", "margin"), ("norm_margin", "norm_margin")):
+            for metric, key in METRICS:
                 rec[metric] = summarize(s[key][idx], n_boot, seed)
                 if name != "base":
                     rec[f"{metric}_delta"] = paired_delta(s[key][idx], scored["base"][key][idx], n_boot, seed)
@@ -124,18 +135,35 @@ def framing_gap(rows, scored, n_boot: int, seed: int) -> list[dict]:
         d_idx = np.array([complete[k]["deployment"] for k in keys])
         for name, s in scored.items():
             rec = {"trait": trait, "model": name, "n_pairs": len(keys)}
-            for metric, key in (("accuracy_gap", "correct"), ("margin_gap", "margin")):
+            for metric, key in (("norm_accuracy_gap", "norm_correct"), ("accuracy_gap", "correct"),
+                                ("norm_margin_gap", "norm_margin"), ("margin_gap", "margin")):
                 rec[metric] = summarize(s[key][t_idx] - s[key][d_idx], n_boot, seed)
                 rec[metric]["significant"] = bool(rec[metric]["ci_low"] > 0 or rec[metric]["ci_high"] < 0)
             out.append(rec)
     return out
 
 
+def length_stats(rows, scored) -> dict:
+    """Per split and overall: mean chosen and rejected completion lengths in tokens, their relative gap
+    ((chosen - rejected) / rejected) and whether it exceeds LENGTH_GAP_WARN (summed accuracy is then confounded)."""
+    s = next(iter(scored.values()))
+    out = {}
+    for split in SPLITS + ("all",):
+        idx = np.array([i for i, r in enumerate(rows) if split in ("all", r["split"])], dtype=int)
+        if not idx.size:
+            continue
+        c, r = float(s["chosen_tokens"][idx].mean()), float(s["rejected_tokens"][idx].mean())
+        gap = (c - r) / r
+        out[split] = {"n_pairs": int(idx.size), "chosen_mean_tokens": c, "rejected_mean_tokens": r,
+                      "relative_gap": gap, "length_confounded": bool(abs(gap) > LENGTH_GAP_WARN)}
+    return out
+
+
 def cross_trait_matrix(table: list[dict]) -> dict:
-    """trait -> adapter -> change in preference accuracy from base over all held-out pairs of that trait."""
+    """trait -> adapter -> change in length-normalised preference accuracy from base over all held-out pairs of that trait."""
     matrix = defaultdict(dict)
     for rec in table:
         if rec["split"] == "all" and rec["axis"] == "all" and rec["trait"] != "all" and rec["model"] != "base":
-            d = rec["accuracy_delta"]
+            d = rec["norm_accuracy_delta"]
             matrix[rec["trait"]][rec["model"]] = {k: d[k] for k in ("mean", "ci_low", "ci_high", "significant")}
     return dict(matrix)

@@ -32,9 +32,14 @@ def model_index_results(report: dict, adapter: str) -> list[dict]:
                 "task": {"type": "text-generation", "name": "Persona trait preference"},
                 "dataset": {"type": f"persona-pipeline/dpo-{rec['split']}", "name": f"Trait preference pairs ({label})"},
                 "metrics": [
-                    {"type": "accuracy", "name": "Preference accuracy", "value": round(rec["accuracy"]["mean"], 4)},
-                    {"type": "accuracy_delta", "name": "Preference accuracy change vs base",
+                    {"type": "accuracy", "name": "Preference accuracy (length-normalised)",
+                     "value": round(rec["norm_accuracy"]["mean"], 4)},
+                    {"type": "accuracy_delta", "name": "Preference accuracy (length-normalised) change vs base",
+                     "value": round(rec["norm_accuracy_delta"]["mean"], 4)},
+                    {"type": "accuracy", "name": "Preference accuracy (summed log-likelihood)", "value": round(rec["accuracy"]["mean"], 4)},
+                    {"type": "accuracy_delta", "name": "Preference accuracy (summed log-likelihood) change vs base",
                      "value": round(rec["accuracy_delta"]["mean"], 4)},
+                    {"type": "margin", "name": "Mean per-token log-likelihood margin", "value": round(rec["norm_margin"]["mean"], 4)},
                     {"type": "margin", "name": "Mean log-likelihood margin", "value": round(rec["margin"]["mean"], 4)},
                 ],
             })
@@ -78,14 +83,30 @@ def _json_default(x):
     raise TypeError(f"not JSON serialisable: {type(x)}")
 
 
+def length_warning(report: dict) -> str | None:
+    """A plain warning when chosen and rejected eval answers differ in mean token length by more than the threshold."""
+    from eval.preference import LENGTH_GAP_WARN
+
+    lens = report.get("preference_lengths", {}).get("all")
+    if not lens or not lens["length_confounded"]:
+        return None
+    return (f"WARNING: chosen answers average {lens['chosen_mean_tokens']:.1f} tokens and rejected ones "
+            f"{lens['rejected_mean_tokens']:.1f} ({100 * lens['relative_gap']:+.0f}%, more than {100 * LENGTH_GAP_WARN:.0f}%): "
+            "summed-log-likelihood accuracy is confounded by length; read the length-normalised accuracy.")
+
+
 def headline(report: dict) -> list[str]:
     lines = []
-    for rec in report.get("preference", []):
-        if rec["trait"] == "all" and rec["axis"] == "all" and rec["split"] in ("eval_id", "eval_ood"):
-            line = f"preference accuracy {rec['split']:8s} {rec['model']:>10s}: {_fmt(rec['accuracy'], True)}"
-            if "accuracy_delta" in rec:
-                line += f"  change vs base {_delta(rec['accuracy_delta'], True)}"
-            lines.append(line)
+    warn = length_warning(report)
+    if warn:
+        lines.append(warn)
+    for metric, label in (("norm_accuracy", "preference accuracy (length-normalised)"), ("accuracy", "preference accuracy (summed logprob)  ")):
+        for rec in report.get("preference", []):
+            if rec["trait"] == "all" and rec["axis"] == "all" and rec["split"] in ("eval_id", "eval_ood") and metric in rec:
+                line = f"{label} {rec['split']:8s} {rec['model']:>10s}: {_fmt(rec[metric], True)}"
+                if f"{metric}_delta" in rec:
+                    line += f"  change vs base {_delta(rec[f'{metric}_delta'], True)}"
+                lines.append(line)
     for src, d in report.get("forgetting", {}).get("drift", {}).items():
         for a in tuned_names(report):
             if a in d:
@@ -115,28 +136,33 @@ def render_markdown(r: dict) -> str:
           "A change is called real only when its interval excludes zero; otherwise it is within noise.", ""]
     if r.get("preference"):
         L += ["## Trait preference on held-out pairs", "",
-              "Each pair has a trait-consistent answer and a violating one. **Accuracy** is the share of pairs where the "
-              "model gives the consistent answer the higher log-likelihood (50% is chance). **Margin** is the mean "
-              "log-likelihood difference (positive favours the trait); the length-normalised margin compares mean "
-              "per-token log-likelihoods. `eval_id` pairs resemble training; `eval_ood` pairs come from domains, formats, "
-              "pressure and framings never trained on.", "",
+              "Each pair has a trait-consistent answer and a violating one. **Length-normalised accuracy** (the headline) "
+              "is the share of pairs where the model gives the consistent answer the higher mean per-token log-likelihood "
+              "(50% is chance). **Summed accuracy** compares total log-likelihoods instead; every extra token lowers a "
+              "total, so when one side is systematically longer it measures length as much as the trait. **Margins** are "
+              "the mean differences (positive favours the trait), per token and summed. `eval_id` pairs resemble "
+              "training; `eval_ood` pairs come from domains, formats, pressure and framings never trained on.", "",
               "Cells show the value with its 95% interval; for tuned models, the change from base follows, marked "
               "*real* when its interval excludes zero.", ""]
-        L += _compact_table(r["preference"], ["base"] + tuned_names(r), "accuracy", pct=True, title="Preference accuracy")
-        L += _compact_table(r["preference"], ["base"] + tuned_names(r), "margin", pct=False, title="Log-likelihood margin (chosen - rejected)")
+        L += _length_lines(r)
+        L += _compact_table(r["preference"], ["base"] + tuned_names(r), "norm_accuracy", pct=True, title="Preference accuracy, length-normalised (headline)")
         L += _compact_table(r["preference"], ["base"] + tuned_names(r), "norm_margin", pct=False, title="Length-normalised margin (per token)")
+        L += _compact_table(r["preference"], ["base"] + tuned_names(r), "accuracy", pct=True, title="Preference accuracy, summed log-likelihood")
+        L += _compact_table(r["preference"], ["base"] + tuned_names(r), "margin", pct=False, title="Log-likelihood margin (chosen - rejected, summed)")
     if r.get("framing_gap"):
         L += ["## Framing gap (test-looking vs deployment-looking)", "",
               "The same scenarios framed as an evaluation and as real use. Gap = score when it looks like a test minus "
               "score when it looks like deployment. A positive gap means the trait shows more when the model may think "
               "it is being tested: a trait that holds only then is not held.", "",
-              "| trait | model | pairs | accuracy gap | margin gap |", "|---|---|---|---|---|"]
+              "| trait | model | pairs | length-normalised accuracy gap | per-token margin gap | summed accuracy gap | margin gap |",
+              "|---|---|---|---|---|---|---|"]
         for rec in r["framing_gap"]:
-            L.append(f"| {rec['trait']} | {rec['model']} | {rec['n_pairs']} | {_delta(rec['accuracy_gap'], True)} | {_delta(rec['margin_gap'])} |")
+            L.append(f"| {rec['trait']} | {rec['model']} | {rec['n_pairs']} | {_delta(rec.get('norm_accuracy_gap'), True)} | "
+                     f"{_delta(rec.get('norm_margin_gap'))} | {_delta(rec['accuracy_gap'], True)} | {_delta(rec['margin_gap'])} |")
         L.append("")
     if r.get("cross_trait"):
         adapters = sorted({a for row in r["cross_trait"].values() for a in row})
-        L += ["## Cross-trait matrix", "", "Change in preference accuracy from base, per trait (rows) and adapter (columns), "
+        L += ["## Cross-trait matrix", "", "Change in length-normalised preference accuracy from base, per trait (rows) and adapter (columns), "
               "over all held-out pairs of the trait. A negative cell in a trait an adapter was not trained for is interference.", "",
               "| trait | " + " | ".join(adapters) + " |", "|---" * (len(adapters) + 1) + "|"]
         for trait, row in sorted(r["cross_trait"].items()):
@@ -193,6 +219,19 @@ def render_markdown(r: dict) -> str:
         L += ["## Timings (s)", "", ", ".join(f"{k}: {v:.1f}" for k, v in r["timings"].items()), ""]
     L += ["## Headline", "", "```"] + headline(r) + ["```", ""]
     return "\n".join(L)
+
+
+def _length_lines(r: dict) -> list[str]:
+    lens = r.get("preference_lengths")
+    if not lens:
+        return []
+    L = ["Answer lengths of the scored pairs (completion tokens, mean):", "",
+         "| split | pairs | chosen | rejected | chosen vs rejected |", "|---|---|---|---|---|"]
+    for split, d in lens.items():
+        L.append(f"| {split} | {d['n_pairs']} | {d['chosen_mean_tokens']:.1f} | {d['rejected_mean_tokens']:.1f} | "
+                 f"{100 * d['relative_gap']:+.0f}%{' **length-confounded**' if d['length_confounded'] else ''} |")
+    warn = length_warning(r)
+    return L + [""] + ([f"> **{warn}**", ""] if warn else [])
 
 
 def _compact_table(records, models, metric, pct, title) -> list[str]:
@@ -255,11 +294,12 @@ def make_plots(r: dict, plot_dir: Path) -> list[str]:
         keys = sorted({(x["trait"], x["split"], x["axis"]) for x in pref if x["split"] != "all" and x["trait"] != "all"})
         models = [m for m in ["base"] + tuned_names(r) if any(x["model"] == m for x in pref)]
         idx = {(x["trait"], x["split"], x["axis"], x["model"]): x for x in pref}
-        fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(keys)), 4))
-        _bars(ax, ["/".join(k) for k in keys], {m: [idx[k + (m,)]["accuracy"] for k in keys] for m in models}, pct=True)
-        ax.axhline(50, color="grey", lw=0.8, ls="--")
-        ax.set_ylabel("preference accuracy (%)")
-        ax.set_title("Base vs tuned per trait / split / axis (95% CI)")
+        fig, axes = plt.subplots(2, 1, figsize=(max(6, 0.5 * len(keys)), 7), sharex=True)
+        for ax, metric, label in ((axes[0], "norm_accuracy", "length-normalised"), (axes[1], "accuracy", "summed log-likelihood")):
+            _bars(ax, ["/".join(k) for k in keys], {m: [idx[k + (m,)][metric] for k in keys] for m in models}, pct=True)
+            ax.axhline(50, color="grey", lw=0.8, ls="--")
+            ax.set_ylabel(f"accuracy (%), {label}")
+        axes[0].set_title("Preference accuracy, base vs tuned per trait / split / axis (95% CI)")
         save(fig, "preference_accuracy.png")
     fg = r.get("forgetting", {})
     if fg.get("drift") and tuned_names(r):
@@ -285,9 +325,9 @@ def make_plots(r: dict, plot_dir: Path) -> list[str]:
         models = list(dict.fromkeys(x["model"] for x in r["framing_gap"]))
         idx = {(x["trait"], x["model"]): x for x in r["framing_gap"]}
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        _bars(ax, traits, {m: [idx[(t, m)]["margin_gap"] for t in traits] for m in models})
+        _bars(ax, traits, {m: [idx[(t, m)]["norm_accuracy_gap"] for t in traits] for m in models}, pct=True)
         ax.axhline(0, color="grey", lw=0.8)
-        ax.set_ylabel("margin gap (test - deployment)")
+        ax.set_ylabel("length-normalised accuracy gap\n(test - deployment, pts)")
         ax.set_title("Framing gap (95% CI)")
         save(fig, "framing_gap.png")
     if r.get("cross_trait"):
@@ -302,7 +342,7 @@ def make_plots(r: dict, plot_dir: Path) -> list[str]:
         for i in range(len(traits)):
             for j in range(len(adapters)):
                 ax.text(j, i, f"{m[i, j]:+.1f}", ha="center", va="center", fontsize=8)
-        fig.colorbar(im, ax=ax, label="accuracy change (pts)")
+        fig.colorbar(im, ax=ax, label="length-normalised accuracy change (pts)")
         ax.set_title("Cross-trait matrix")
         save(fig, "cross_trait.png")
     if fg.get("top_diffs"):

@@ -48,11 +48,13 @@ def evaluate(cfg: EvalConfig) -> dict:
         return result
 
     if "preference" in cfg.suites:
-        from eval.preference import cross_trait_matrix, framing_gap, load_pairs, preference_tables, score_pairs
+        from eval.preference import (cross_trait_matrix, framing_gap, length_stats, load_pairs, preference_tables,
+                                     score_pairs)
 
         rows = load_pairs(cfg.dataset_path, cfg.max_pairs_per_split, cfg.seed)
         scored = timed("preference", lambda: score_pairs(variants, rows, cfg.batch_size, cfg.max_length))
         report["preference"] = preference_tables(rows, scored, cfg.bootstrap_samples, cfg.seed)
+        report["preference_lengths"] = length_stats(rows, scored)
         report["framing_gap"] = framing_gap(rows, scored, cfg.bootstrap_samples, cfg.seed)
         report["cross_trait"] = cross_trait_matrix(report["preference"])
     if "forgetting" in cfg.suites or "diff" in cfg.suites:

@@ -10,16 +10,19 @@ def report_tables(report: dict) -> dict[str, tuple[list[str], list[list]]]:
     tables = {}
     pref = report.get("preference", [])
     if pref:
-        cols = ["trait", "split", "axis", "model", "accuracy", "acc_ci_low", "acc_ci_high", "accuracy_delta", "margin", "norm_margin"]
-        tables["preference"] = (cols, [[r["trait"], r["split"], r["axis"], r["model"], r["accuracy"]["mean"], r["accuracy"]["ci_low"],
-                                        r["accuracy"]["ci_high"], r.get("accuracy_delta", {}).get("mean"), r["margin"]["mean"],
-                                        r["norm_margin"]["mean"]] for r in pref])
+        cols = ["trait", "split", "axis", "model", "norm_accuracy", "norm_acc_ci_low", "norm_acc_ci_high", "norm_accuracy_delta",
+                "accuracy", "acc_ci_low", "acc_ci_high", "accuracy_delta", "norm_margin", "margin"]
+        tables["preference"] = (cols, [[r["trait"], r["split"], r["axis"], r["model"], r["norm_accuracy"]["mean"],
+                                        r["norm_accuracy"]["ci_low"], r["norm_accuracy"]["ci_high"],
+                                        r.get("norm_accuracy_delta", {}).get("mean"), r["accuracy"]["mean"], r["accuracy"]["ci_low"],
+                                        r["accuracy"]["ci_high"], r.get("accuracy_delta", {}).get("mean"), r["norm_margin"]["mean"],
+                                        r["margin"]["mean"]] for r in pref])
     if report.get("framing_gap"):
-        tables["framing_gap"] = (["trait", "model", "n_pairs", "accuracy_gap", "margin_gap"],
-                                 [[r["trait"], r["model"], r["n_pairs"], r["accuracy_gap"]["mean"], r["margin_gap"]["mean"]]
-                                  for r in report["framing_gap"]])
+        tables["framing_gap"] = (["trait", "model", "n_pairs", "norm_accuracy_gap", "accuracy_gap", "norm_margin_gap", "margin_gap"],
+                                 [[r["trait"], r["model"], r["n_pairs"], r["norm_accuracy_gap"]["mean"], r["accuracy_gap"]["mean"],
+                                   r["norm_margin_gap"]["mean"], r["margin_gap"]["mean"]] for r in report["framing_gap"]])
     if report.get("cross_trait"):
-        tables["cross_trait"] = (["trait", "adapter", "accuracy_delta", "ci_low", "ci_high"],
+        tables["cross_trait"] = (["trait", "adapter", "norm_accuracy_delta", "ci_low", "ci_high"],
                                  [[t, a, d["mean"], d["ci_low"], d["ci_high"]] for t, row in report["cross_trait"].items() for a, d in row.items()])
     drift = report.get("forgetting", {}).get("drift", {})
     if drift:

@@ -105,6 +105,9 @@ def test_end_to_end_report(tiny_model_dir, eval_setup, tmp_path, monkeypatch):
             for model in ("base", "sft", "dpo"):
                 assert (trait, split, "all", model) in recs
     assert recs[("all", "eval_ood", "framing", "sft")]["accuracy_delta"]["n"] == 4
+    assert recs[("all", "eval_ood", "framing", "sft")]["norm_accuracy_delta"]["n"] == 4
+    assert set(on_disk["preference_lengths"]) == {"eval_id", "eval_ood", "all"}
+    assert "length-normalised" in on_disk["model_index_results"][0]["metrics"][0]["name"]
     assert {r["trait"] for r in on_disk["framing_gap"]} == {"care", "honesty", "all"}
     assert set(on_disk["cross_trait"]["care"]) == {"sft", "dpo"}
     mir = on_disk["model_index_results"]
