@@ -1,8 +1,10 @@
 """Batched log-likelihood scoring of completions given prompts, for several model variants in one pass.
 
-Sequences are left-padded so every completion ends at the last position; logits are then computed only for
-the completion positions (`logits_to_keep`), which keeps the 49k-vocabulary projection cheap. Position ids
-come from the attention mask, so padding never shifts positions.
+`score_items` groups items that share a prompt (the chosen and rejected answers of a preference pair): the prompts
+run once, left-padded, and their KV cache is copied to each continuation, which then runs right-padded after it.
+The 49k-vocabulary LM head is applied only to the hidden states that predict a scored token. Position ids come
+from the attention mask, so padding never shifts positions. `compare_items` (which needs whole next-token
+distributions) runs full left-padded sequences and keeps logits for the completion positions only.
 """
 
 from __future__ import annotations
@@ -75,6 +77,80 @@ def _collate(items: list[Item], pad_id: int, device):
     return input_ids.to(device), attn.to(device), pos.to(device), comp_mask.to(device), cmax
 
 
+def _groups(items: list[Item]) -> list[list[int]]:
+    """Item indices grouped by identical prompt, in first-seen order."""
+    groups: dict[tuple, list[int]] = {}
+    for i, it in enumerate(items):
+        groups.setdefault(tuple(it.prompt_ids), []).append(i)
+    return list(groups.values())
+
+
+def _group_batches(items: list[Item], groups: list[list[int]], batch_size: int):
+    """Groups, longest first, packed until a batch holds `batch_size` continuations (at least one group)."""
+    order = sorted(groups, key=lambda g: -(len(items[g[0]].prompt_ids) + max(len(items[i].completion_ids) for i in g)))
+    batch, n = [], 0
+    for g in order:
+        if batch and n + len(g) > batch_size:
+            yield batch
+            batch, n = [], 0
+        batch.append(g)
+        n += len(g)
+    if batch:
+        yield batch
+
+
+def _split_model(model):
+    """(transformer body, LM head) of a causal LM, through a PEFT wrapper if there is one (adapters stay active)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(base, base.base_model_prefix), base.get_output_embeddings()
+
+
+def _token_logprobs(head, hidden, targets):
+    """log p(target) for each row of `hidden` [N, H]; the head runs on these rows only."""
+    logits = head(hidden).float()
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+
+
+def _score_shared(model, items: list[Item], groups: list[list[int]], pad_id: int, device):
+    """Summed completion log-likelihood of every item in `groups`, each prompt encoded once: {item index: logprob}."""
+    body, head = _split_model(model)
+    prompts = [items[g[0]].prompt_ids for g in groups]
+    pw = max(map(len, prompts))
+    p_ids = torch.full((len(groups), pw), pad_id, dtype=torch.long)
+    p_attn = torch.zeros((len(groups), pw), dtype=torch.long)
+    for r, p in enumerate(prompts):
+        p_ids[r, pw - len(p):] = torch.tensor(p)
+        p_attn[r, pw - len(p):] = 1
+    p_pos = (p_attn.cumsum(-1) - 1).clamp(min=0)
+    out = body(input_ids=p_ids.to(device), attention_mask=p_attn.to(device), position_ids=p_pos.to(device), use_cache=True)
+    last = out.last_hidden_state[:, -1]  # predicts each continuation's first token
+    owner = [r for r, g in enumerate(groups) for _ in g]
+    conts = [items[i].completion_ids for g in groups for i in g]
+    cw = max(map(len, conts))
+    c_ids = torch.full((len(conts), cw), pad_id, dtype=torch.long)
+    c_attn = torch.zeros((len(conts), cw), dtype=torch.long)
+    for r, c in enumerate(conts):
+        c_ids[r, :len(c)] = torch.tensor(c)
+        c_attn[r, :len(c)] = 1
+    owner_t = torch.tensor(owner)
+    cache = out.cache
+    cache.reorder_cache(owner_t.to(device))  # one copy of its prompt's keys/values per continuation
+    attn = torch.cat([p_attn[owner_t], c_attn], dim=1)
+    c_pos = p_attn.sum(-1)[owner_t].unsqueeze(1) + torch.arange(cw).unsqueeze(0)
+    c_out = body(input_ids=c_ids.to(device), attention_mask=attn.to(device), position_ids=c_pos.to(device),
+                 cache=cache, use_cache=True).last_hidden_state
+    # hidden state predicting token j of continuation r: prompt's last for j = 0, continuation position j-1 after
+    rows, hid, tgt = [], [], []
+    for r, c in enumerate(conts):
+        hid.append(torch.cat([last[owner[r]].unsqueeze(0), c_out[r, :len(c) - 1]]))
+        tgt.append(c_ids[r, :len(c)])
+        rows += [r] * len(c)
+    lp = _token_logprobs(head, torch.cat(hid), torch.cat(tgt).to(device))
+    sums = torch.zeros(len(conts), dtype=torch.float64, device=device).index_add_(0, torch.tensor(rows, device=device), lp.double())
+    flat = [i for g in groups for i in g]
+    return dict(zip(flat, sums.cpu().tolist()))
+
+
 def _forward_logprobs(model, input_ids, attn, pos, cmax):
     """Log-softmax over the vocabulary at the positions that predict the last `cmax` tokens: [B, cmax, V]."""
     out = model(input_ids=input_ids, attention_mask=attn, position_ids=pos, logits_to_keep=cmax + 1, use_cache=False)
@@ -82,14 +158,27 @@ def _forward_logprobs(model, input_ids, attn, pos, cmax):
 
 
 @torch.inference_mode()
-def score_items(variants, items: list[Item], batch_size: int = 8, desc: str = "scoring") -> dict[str, dict]:
-    """Per variant: `logprob` (sum over completion tokens) and `n_tokens`, in the order of `items`."""
+def score_items(variants, items: list[Item], batch_size: int = 8, desc: str = "scoring",
+                share_prompts: bool = True) -> dict[str, dict]:
+    """Per variant: `logprob` (sum over completion tokens) and `n_tokens`, in the order of `items`.
+
+    `batch_size` counts continuations. With `share_prompts`, items with the same prompt share one prompt pass;
+    without it, every item runs as one full sequence (the simpler path, kept as a reference)."""
     for i, it in enumerate(items):
         if not it.completion_ids or not it.prompt_ids:
             raise ValueError(f"{desc}: item {i} has an empty prompt or completion after tokenization")
     pad_id = variants.tokenizer.pad_token_id
     device = next(variants.model.parameters()).device
-    out = {n: {"logprob": np.zeros(len(items)), "n_tokens": np.zeros(len(items), dtype=int)} for n in variants.names}
+    out = {n: {"logprob": np.zeros(len(items)), "n_tokens": np.array([len(it.completion_ids) for it in items])}
+           for n in variants.names}
+    if share_prompts:
+        batches = list(_group_batches(items, _groups(items), batch_size))
+        for groups in tqdm(batches, desc=desc, leave=False):
+            for name in variants.names:
+                with variants.use(name) as model:
+                    for i, lp in _score_shared(model, items, groups, pad_id, device).items():
+                        out[name]["logprob"][i] = lp
+        return out
     for idx in tqdm(_batches(items, batch_size), desc=desc, leave=False):
         input_ids, attn, pos, cmask, cmax = _collate([items[i] for i in idx], pad_id, device)
         targets = input_ids[:, -cmax:]

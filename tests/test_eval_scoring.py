@@ -84,3 +84,21 @@ def test_bootstrap_is_seeded_and_covers_the_mean():
     assert d["mean"] == pytest.approx(0.2) and d["significant"]
     with pytest.raises(ValueError, match="same items"):
         paired_delta(x, x[:10])
+
+
+def test_shared_prompt_scores_match_full_sequences(base_variants):
+    """Chosen/rejected answers after one prompt: encoding the prompt once gives the full-sequence scores."""
+    from eval.scoring import render_chat, score_items
+
+    tok, model = base_variants.tokenizer, base_variants.model
+    items = []
+    for p, c in CONVS:
+        items += [render_chat(tok, p, c), render_chat(tok, p, c[: max(1, len(c) // 3)] + " no")]
+    shared = score_items(base_variants, items, batch_size=4)["base"]
+    full = score_items(base_variants, items, batch_size=4, share_prompts=False)["base"]
+    single = score_items(base_variants, items, batch_size=1)["base"]
+    hand = np.array([_hand_logprob(model, i.prompt_ids, i.completion_ids) for i in items])
+    np.testing.assert_allclose(shared["logprob"], hand, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(full["logprob"], hand, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(single["logprob"], hand, rtol=1e-4, atol=1e-4)
+    assert list(shared["n_tokens"]) == [len(i.completion_ids) for i in items]
