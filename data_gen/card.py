@@ -51,7 +51,24 @@ def diversity(prompts, chosen, rejected, *, embedding: bool, threshold: float, s
     return out
 
 
-def write_card(path, *, cfg, specs, sizes, axes, div, skipped, leak_checks, generator="offline"):
+def length_balance(dpo) -> dict:
+    """Per trait and split: mean chosen and rejected words and their ratio.
+
+    A ratio far from 1 lets DPO (and log-likelihood preference accuracy) reward length instead of the trait.
+    """
+    acc = {}
+    for split, rows in dpo.items():
+        for r in rows:
+            a = acc.setdefault(r.get("trait") or "unknown", {}).setdefault(split, [0, 0, 0])
+            a[0] += len(r["chosen"][0]["content"].split())
+            a[1] += len(r["rejected"][0]["content"].split())
+            a[2] += 1
+    return {trait: {split: {"chosen_mean_words": round(c / n, 1), "rejected_mean_words": round(rj / n, 1),
+                            "rejected_to_chosen": round(rj / max(1, c), 3)} for split, (c, rj, n) in splits.items()}
+            for trait, splits in acc.items()}
+
+
+def write_card(path, *, cfg, specs, sizes, axes, div, skipped, leak_checks, generator="offline", lengths=None):
     n_total = sum(sum(s.values()) for s in sizes.values())
     size_cat = next(c for lim, c in [(1e3, "n<1K"), (1e4, "1K<n<10K"), (1e5, "10K<n<100K"), (1e6, "100K<n<1M"),
                                      (float("inf"), "n>1M")] if n_total < lim)
@@ -73,6 +90,7 @@ def write_card(path, *, cfg, specs, sizes, axes, div, skipped, leak_checks, gene
         "eval_ood_axes": axes,
         "heldout": {"domains": {s.name: s.heldout_domains for s in specs}, "formats": list(cfg.heldout_formats)},
         "diversity": div,
+        "length_balance": lengths or {},
         "leakage_checks": leak_checks,
         "skipped_user_rows": {k: len(v) for k, v in skipped.items()},
     }
@@ -104,6 +122,10 @@ def write_card(path, *, cfg, specs, sizes, axes, div, skipped, leak_checks, gene
     body += ["## Diversity (train split)", "", "```yaml", yaml.safe_dump(div, sort_keys=False).strip(), "```", "",
              "Template-composed data repeats phrasing: read `distinct_n` and the near-duplicate rate before "
              "scaling a run up, and prefer the teacher generator for large, varied sets.", "",
+             "## Length balance (DPO, words)", "",
+             "| trait | split | chosen | rejected | rejected/chosen |", "|---|---|---|---|---|",
+             *[f"| {tr} | {sp} | {v['chosen_mean_words']} | {v['rejected_mean_words']} | {v['rejected_to_chosen']} |"
+               for tr, splits in (lengths or {}).items() for sp, v in splits.items()], "",
              "## Leakage checks", "", "```yaml", yaml.safe_dump(leak_checks, sort_keys=False).strip(), "```", ""]
     if any(skipped.values()):
         body += ["## Skipped user rows", ""] + [f"- {k}: {line}" for k, v in skipped.items() for line in v[:50]] + [""]

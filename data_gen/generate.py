@@ -172,7 +172,7 @@ def write_dataset(data, out_dir: Path):
 
 def finish(cfg, specs, data, skipped, leak_checks, generator):
     """Write dataset and card, optionally push. Shared by the offline and teacher generators."""
-    from .card import diversity, write_card
+    from .card import diversity, length_balance, write_card
 
     out_dir = Path(cfg.output_dir)
     dicts = write_dataset(data, out_dir)
@@ -183,7 +183,7 @@ def finish(cfg, specs, data, skipped, leak_checks, generator):
                     [r["rejected"][0]["content"] for r in train], embedding=cfg.leakage_embedding_check, threshold=cfg.near_duplicate_threshold,
                     sample=cfg.diversity_sample, seed=cfg.seed)
     write_card(out_dir / "README.md", cfg=cfg, specs=specs, sizes=sizes, axes=axes, div=div, skipped=skipped,
-               leak_checks=leak_checks, generator=generator)
+               leak_checks=leak_checks, generator=generator, lengths=length_balance(data["dpo"]))
     log(f"wrote {out_dir}: " + ", ".join(f"{k} {v}" for k, v in sizes.items()))
     if cfg.push_to_hub:
         push(dicts, out_dir, cfg)

@@ -138,6 +138,21 @@ def test_card_has_metadata(dataset):
     assert 0 < meta["diversity"]["prompt_distinct_2"] <= 1
 
 
+def test_rejected_about_as_long_as_chosen(dataset):
+    """A length gap lets DPO and log-likelihood preference accuracy reward length instead of the trait."""
+    words = lambda r, side: len(r[side][0]["content"].split())  # noqa: E731
+    meta = yaml.safe_load((dataset / "README.md").read_text().split("---\n")[1])
+    rows = [r for s in ("train", "eval_id", "eval_ood") for r in read_jsonl(dataset / "jsonl" / f"dpo_{s}.jsonl")]
+    for name in TRAITS:
+        mine = [r for r in rows if r["trait"] == name]
+        ratio = sum(words(r, "rejected") for r in mine) / sum(words(r, "chosen") for r in mine)
+        assert 0.85 <= ratio <= 1.15, (name, round(ratio, 3))
+        train = [r for r in mine if r["split"] == "train"]
+        card = meta["length_balance"][name]["train"]
+        assert card["chosen_mean_words"] == round(sum(words(r, "chosen") for r in train) / len(train), 1)
+        assert card["rejected_mean_words"] == round(sum(words(r, "rejected") for r in train) / len(train), 1)
+
+
 # ---- failure modes and splits -----------------------------------------------------------------
 
 def test_every_failure_mode_in_rejected(dataset):
