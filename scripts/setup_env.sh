@@ -23,7 +23,9 @@ if [ ! -f "$stamp" ] && [ -z "${PERSONA_SKIP_INSTALL:-}" ]; then
     else
       # The default torch wheel bundles CUDA (several GB); without a GPU take the CPU build.
       python -m pip install -q "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu --retries 1 --timeout 20 \
-        || python -m pip install -q "torch==2.13.0"
+          > "$VENV/torch-cpu-index.log" 2>&1 \
+        || { echo "[setup] PyTorch's CPU index unreachable (see $VENV/torch-cpu-index.log); installing torch from PyPI"
+             python -m pip install -q "torch==2.13.0"; }
     fi
   fi
   python -m pip install -q -e "$ROOT${EXTRAS:+[$EXTRAS]}"
