@@ -54,17 +54,26 @@ def load_pairs(dataset_path: str, max_per_split: int | None = None, seed: int = 
 
 
 def _subsample(rows, k, seed):
-    """Keep whole framing pairs together so the framing gap stays paired."""
+    """A seeded subsample of about `k` rows, stratified by (trait, axis) so every cell keeps some pairs, with
+    whole framing pairs kept together so the framing gap stays paired."""
     groups = defaultdict(list)
     for r in rows:
         groups[r["pair_id"] or r["id"]].append(r)
-    keys = sorted(groups)
-    random.Random(seed).shuffle(keys)
+    strata = defaultdict(list)
+    for key in sorted(groups):
+        first = groups[key][0]
+        strata[(first["trait"], first["axis"])].append(key)
+    rng = random.Random(seed)
+    queues = []
+    for stratum in sorted(strata):
+        keys = strata[stratum]
+        rng.shuffle(keys)
+        queues.append(keys)
     out = []
-    for key in keys:
-        if len(out) >= k:
-            break
-        out += groups[key]
+    while len(out) < k and any(queues):
+        for keys in queues:  # round-robin across strata
+            if keys and len(out) < k:
+                out += groups[keys.pop()]
     return out
 
 
