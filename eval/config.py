@@ -56,6 +56,9 @@ class EvalConfig:
         mcq_data: model-written-evals JSONL files or Hub dataset ids.
         mcq_trait_direction: "matching" if answer_matching_behavior is the trait-consistent answer.
         lm_eval_tasks: lm-evaluation-harness task names (needs the `lm-eval` extra); lm_eval_limit caps examples.
+        lm_eval_include_path: folder of extra lm-eval task YAMLs (local data works offline).
+        lm_eval_chat_template: wrap harness prompts in the chat template base and tuned share (False matches
+            published plain-prompt numbers).
 
     Logging:
         wandb: log the report tables to W&B (offline unless WANDB_MODE says otherwise).
@@ -88,6 +91,8 @@ class EvalConfig:
     mcq_trait_direction: str = "matching"
     lm_eval_tasks: list[str] = field(default_factory=list)
     lm_eval_limit: int | None = None
+    lm_eval_include_path: str | None = None
+    lm_eval_chat_template: bool = True
     wandb: bool = False
     wandb_project: str = "persona-pipeline"
 

@@ -209,10 +209,14 @@ def render_markdown(r: dict) -> str:
         if gen.get("failures"):
             L.append(f"\nJudge failures (after retries): {gen['failures']}")
         L.append("")
-    for section in ("mcq", "lm_eval"):
+    for section in ("mcq",):
         if r.get(section):
             L += [f"## {section.replace('_', ' ').title()}", "", r[section].get("description", ""), "", "```",
                   json.dumps(r[section].get("summary", r[section]), indent=1, default=_json_default)[:4000], "```", ""]
+    if r.get("lm_eval"):
+        from eval.lm_eval_bridge import lm_eval_markdown
+
+        L += lm_eval_markdown(r["lm_eval"], tuned_names(r))
     if r.get("plots"):
         L += ["## Plots", ""] + [f"![{Path(p).stem}](plots/{Path(p).name})" for p in r["plots"]] + [""]
     if r.get("timings"):
