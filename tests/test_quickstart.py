@@ -42,6 +42,9 @@ def test_smoke_pipeline_writes_data_adapters_and_report(smoke_run):
         assert (run / stage / "adapter_model.safetensors").exists()
         assert (run / stage / "adapter_config.json").exists()
     report = json.loads((run / "report.json").read_text())
-    assert report  # parsed, non-empty
+    assert report["tiny_model"] is True  # the report must flag that its numbers mean nothing about traits
+    assert set(report["adapters"]) == {"sft", "dpo"}
+    for key in ("preference", "framing_gap", "cross_trait", "forgetting", "model_index_results"):
+        assert report[key], key
     assert (run / "report.md").read_text().strip()
     assert list((run / "plots").glob("*.png"))
