@@ -34,7 +34,7 @@ WORDS = (
 PASSIVE = {"OMP_WAIT_POLICY": "PASSIVE"}
 BF16 = {"bf16": True, "use_cpu": True}  # transformers refuses bf16 on a CPU-only machine without use_cpu
 NO_GC = {"gradient_checkpointing": False}
-SFT_FAST = {**NO_GC, "padding_free": True, "max_length": None}  # the examples are far shorter than max_length
+PADDING_FREE = {**NO_GC, "padding_free": True, "max_length": None}  # SFTTrainer refuses a max_length it cannot enforce
 LEVERS = {
     "sft": {
         "plain": ({}, {}, False, None),
@@ -42,27 +42,34 @@ LEVERS = {
         "+ OMP_WAIT_POLICY=PASSIVE": ({}, PASSIVE, False, None),
         "+ gradient_checkpointing=False": (NO_GC, PASSIVE, False, None),
         "+ label-only LM head": (NO_GC, PASSIVE, True, None),
-        "+ padding_free=True (= fast)": (SFT_FAST, PASSIVE, True, None),
-        "fast + bf16=True": ({**SFT_FAST, **BF16}, PASSIVE, True, None),
-        "fast + lora_dropout=0": (SFT_FAST, PASSIVE, True, 0.0),
+        "+ lora_dropout=0 (= fast)": (NO_GC, PASSIVE, True, 0.0),
+        "fast + padding_free=True": (PADDING_FREE, PASSIVE, True, 0.0),
+        "fast + bf16=True": ({**NO_GC, **BF16}, PASSIVE, True, 0.0),
     },
     "dpo": {
         "plain": ({}, {}, False, None),
         "plain + bf16=True (TRL's own default)": (BF16, {}, False, None),
         "+ OMP_WAIT_POLICY=PASSIVE": ({}, PASSIVE, False, None),
         "+ gradient_checkpointing=False": (NO_GC, PASSIVE, False, None),
-        "+ label-only LM head (= fast)": (NO_GC, PASSIVE, True, None),
-        "fast + precompute_ref_log_probs=True": ({**NO_GC, "precompute_ref_log_probs": True}, PASSIVE, True, None),
-        "fast + bf16=True": ({**NO_GC, **BF16}, PASSIVE, True, None),
-        "fast + lora_dropout=0": (NO_GC, PASSIVE, True, 0.0),
+        "+ label-only LM head": (NO_GC, PASSIVE, True, None),
+        "+ lora_dropout=0 (= fast)": (NO_GC, PASSIVE, True, 0.0),
+        "fast + precompute_ref_log_probs=True": ({**NO_GC, "precompute_ref_log_probs": True}, PASSIVE, True, 0.0),
+        "fast + bf16=True": ({**NO_GC, **BF16}, PASSIVE, True, 0.0),
     },
 }
+
+
+def recipe_lora_dropout() -> float:
+    """The LoRA dropout of the quickstart SFT recipe (the DPO stage continues that adapter, dropout included)."""
+    import yaml
+
+    return float(yaml.safe_load((REPO / "recipes/quickstart/sft.yaml").read_text())["lora_dropout"])
 
 
 def fast_variant(stage: str):
     from train.cpu_speed import fast_cpu_overrides
 
-    return fast_cpu_overrides(stage), PASSIVE, True, None
+    return fast_cpu_overrides(stage), PASSIVE, True, recipe_lora_dropout()
 
 
 def synthetic_sft(n: int, seed: int):
@@ -210,7 +217,10 @@ def make_parser():
     parser.add_argument("--batch-size", type=int, default=8, help="Examples (SFT) or pairs (DPO) per step.")
     parser.add_argument("--repeats", type=int, default=2, help="Interleaved repeats of each setting.")
     parser.add_argument("--levers", action="store_true", help="Measure the speed levers one by one (cumulative).")
-    parser.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout (TRL's ModelConfig default).")
+    parser.add_argument("--variants", help="Comma-separated settings to run (names as in the tables), e.g. 'plain,fast'.")
+    parser.add_argument("--lora-dropout", type=float, default=0.05,
+                        help="LoRA dropout of plain and of the levers that keep it (TRL's ModelConfig default); "
+                        "fast uses the quickstart recipe's.")
     parser.add_argument("--timeout", type=int, default=1800, help="Seconds before one run is abandoned.")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     return parser
@@ -229,6 +239,12 @@ def main(args):
     report = []
     for stage in stages:
         variants = list(LEVERS[stage]) if args.levers else ["plain", "fast"]
+        if args.variants:
+            variants = args.variants.split(",")
+            unknown = [v for v in variants if v != "fast" and v not in LEVERS[stage]]
+            if unknown or variants[0] != "plain":
+                sys.exit(f"--variants must start with plain and name settings of {list(LEVERS[stage]) + ['fast']}: "
+                         f"{unknown or variants}")
         results = {v: [] for v in variants}
         for _ in range(args.repeats):
             for variant in variants:
