@@ -9,7 +9,9 @@ generated here) in the same order. Reported: real (non-padding) tokens/s for SFT
 steps after the first; the ratio to plain (median over repeats, plain and fast runs interleaved because the machine
 is shared and noisy); peak RSS; the last step's training loss and the loss on held-out examples after training.
 "plain" is TRL's defaults except `bf16=False` (TRL's `bf16=True` default is slower on CPUs without native bf16;
-`--levers` measures it).
+`--levers` measures it), with TRL's LoRA dropout (0.05); "fast" is the training scripts' CPU defaults with the
+quickstart recipe's LoRA dropout (0.0), so its losses differ a little from plain's (the "+ label-only LM head" lever
+is fast with plain's dropout: same losses as plain).
 """
 
 import argparse
