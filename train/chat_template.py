@@ -8,31 +8,28 @@ prompt format it will be served with (the marked template is saved with the adap
 
 import re
 
-# SmolLM2-Instruct's own template (including its default system prompt), with the assistant turn marked.
+# Plain ChatML turns with the assistant turn marked (no default system prompt): the tiny test model, and
+# ChatML models without one.
+_MARKED_CHATML_TURN = (
+    "{% if message['role'] == 'assistant' %}"
+    "{{ '<|im_start|>assistant\\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
+    "{% else %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endif %}"
+)
+_GENERATION_PROMPT = "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+
+CHATML_TRAINING_TEMPLATE = "{% for message in messages %}" + _MARKED_CHATML_TURN + "{% endfor %}" + _GENERATION_PROMPT
+
+# SmolLM2-Instruct's own template: the same turns after its default system prompt.
 SMOLLM2_TRAINING_TEMPLATE = (
     "{% for message in messages %}"
     "{% if loop.first and messages[0]['role'] != 'system' %}"
     "{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}"
     "{% endif %}"
-    "{% if message['role'] == 'assistant' %}"
-    "{{ '<|im_start|>assistant\\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
-    "{% else %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-
-# Plain ChatML with no default system prompt (the tiny test model, and ChatML models without one).
-CHATML_TRAINING_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'assistant' %}"
-    "{{ '<|im_start|>assistant\\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
-    "{% else %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    + _MARKED_CHATML_TURN
+    + "{% endfor %}"
+    + _GENERATION_PROMPT
 )
 
 TRAINING_CHAT_TEMPLATE = SMOLLM2_TRAINING_TEMPLATE
