@@ -4,14 +4,14 @@ import json
 import math
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from local_http import LocalServer, QuietHandler
 
 from eval.judges import LLMJudge, judge_with_llm, summarize_judged, weighted_score
 
 
-class FaultServer:
+class FaultServer(LocalServer):
     """Serves /v1/chat/completions. `plan` maps a marker found in the prompt to a list of behaviours, used
     one per request in order (the last one repeats): "429", "500", "slow", "malformed", "ok:<n>",
     "logprobs:<n>", "text:<s>", "lowmass"."""
@@ -21,10 +21,7 @@ class FaultServer:
         self.lock = threading.Lock()
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
+        class Handler(QuietHandler):
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 prompt = body["messages"][-1]["content"]
@@ -35,24 +32,24 @@ class FaultServer:
                 steps = server.plan.get(marker, ["ok:50"])
                 step = steps[min(k, len(steps) - 1)]
                 if step in ("429", "500"):
-                    return self._send(int(step), b'{"error": "busy"}')
+                    return self.send_body(int(step), b'{"error": "busy"}')
                 if step == "slow":
                     time.sleep(1.5)
-                    return self._send(200, self._completion("99"))
+                    return self.send_body(200, self._completion("99"))
                 if step == "malformed":
-                    return self._send(200, b'{"choices": [')
+                    return self.send_body(200, b'{"choices": [')
                 kind, _, arg = step.partition(":")
                 if kind == "ok":
-                    return self._send(200, self._completion(arg))
+                    return self.send_body(200, self._completion(arg))
                 if kind == "text":
-                    return self._send(200, self._completion(arg))
+                    return self.send_body(200, self._completion(arg))
                 if kind == "logprobs":
                     top = [{"token": arg, "logprob": math.log(0.6)}, {"token": "90", "logprob": math.log(0.2)},
                            {"token": "hello", "logprob": math.log(0.2)}]
-                    return self._send(200, self._completion(arg, top))
+                    return self.send_body(200, self._completion(arg, top))
                 if kind == "lowmass":
                     top = [{"token": "I", "logprob": math.log(0.8)}, {"token": "70", "logprob": math.log(0.1)}]
-                    return self._send(200, self._completion("I", top))
+                    return self.send_body(200, self._completion("I", top))
                 raise AssertionError(step)
 
             def _completion(self, text, top=None):
@@ -61,24 +58,7 @@ class FaultServer:
                     choice["logprobs"] = {"content": [{"token": text, "logprob": top[0]["logprob"], "top_logprobs": top}]}
                 return json.dumps({"choices": [choice]}).encode()
 
-            def _send(self, code, payload):
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(Handler)
 
 
 def _judge(url, **kw):

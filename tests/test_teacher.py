@@ -5,9 +5,9 @@ import json
 import threading
 import time
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from local_http import LocalServer, QuietHandler
 import yaml
 
 from data_gen.recipe import RecipeError, parse_recipe
@@ -18,7 +18,7 @@ SLOW_S = 0.6
 TIMEOUT_S = 0.25
 
 
-class FakeChatServer:
+class FakeChatServer(LocalServer):
     """OpenAI-style /v1/chat/completions. Each request's fault is fixed by a hash of its body:
     429 once, 500 twice, slow (past the client timeout) once, malformed JSON, or an empty choice list."""
 
@@ -28,10 +28,7 @@ class FakeChatServer:
         self.fail_after = None  # after this many served responses, answer 503 to everything (an outage)
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
+        class Handler(QuietHandler):
             def do_POST(self):
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 req = json.loads(body)
@@ -42,47 +39,25 @@ class FakeChatServer:
                     down = server.fail_after is not None and sum(server.served.values()) >= server.fail_after
                 fault = int(key[:8], 16) % 12 if server.faults else 99
                 if down:
-                    return self._send(503, b"unavailable")
+                    return self.send_body(503, b"unavailable")
                 if fault == 0 and n == 1:
-                    return self._send(429, b"slow down", {"Retry-After": "0"})
+                    return self.send_body(429, b"slow down", {"Retry-After": "0"})
                 if fault == 1 and n <= 2:
-                    return self._send(500, b"boom")
+                    return self.send_body(500, b"boom")
                 if fault == 2 and n == 1:
                     time.sleep(SLOW_S)  # the client has given up by now; not counted as served
-                    return self._send(200, b"{}")
+                    return self.send_body(200, b"{}")
                 if fault == 3:
-                    return self._send(200, b"{not json")
+                    return self.send_body(200, b"{not json")
                 if fault == 4:
-                    return self._send(200, json.dumps({"choices": []}).encode())
+                    return self.send_body(200, json.dumps({"choices": []}).encode())
                 last = req["messages"][-1]["content"]
                 text = f"CRITIQUE: fine.\nREVISED: revised {key[:10]}" if "REVISED:" in last else f"answer {key[:10]} from {req['model']}"
                 with server.lock:
                     server.served[key] += 1
-                return self._send(200, json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode())
+                return self.send_body(200, json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode())
 
-            def _send(self, code, payload, headers=None):
-                try:
-                    self.send_response(code)
-                    for k, v in (headers or {}).items():
-                        self.send_header(k, v)
-                    self.send_header("Content-Length", str(len(payload)))
-                    self.end_headers()
-                    self.wfile.write(payload)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(Handler)
 
 
 @pytest.fixture(scope="module")
