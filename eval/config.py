@@ -49,6 +49,14 @@ class EvalConfig:
     Generation and judges:
         generation_prompts: held-out prompts (from eval_ood) answered by each model.
         max_new_tokens: greedy answer length.
+        generation_backend: "transformers" (in process, default), "openai" (an OpenAI-compatible server such
+            as `vllm serve <base> --enable-lora --lora-modules <name>=<adapter dir>`) or "vllm" (vLLM in
+            process; needs `pip install vllm` and a CUDA GPU).
+        generation_base_url / generation_models: for "openai": the endpoint (e.g. http://localhost:8000/v1) and
+            variant -> served model name: `base` -> the base model's served name, each adapter name -> its
+            `--lora-modules` name.
+        generation_api_key_env: environment variable holding the server's API key (vLLM's own is VLLM_API_KEY).
+        generation_concurrency / generation_timeout: requests in flight, and seconds before one is retried.
         judge: "embedding" (offline, default), "llm" (OpenAI-compatible endpoint) or "none".
         judge_base_url / judge_model / judge_api_key_env: the endpoint for judge "llm".
 
@@ -83,6 +91,12 @@ class EvalConfig:
     diff_top_k: int = 10
     generation_prompts: int = 24
     max_new_tokens: int = 64
+    generation_backend: str = "transformers"
+    generation_base_url: str | None = None
+    generation_models: dict[str, str] = field(default_factory=dict)
+    generation_api_key_env: str = "VLLM_API_KEY"
+    generation_concurrency: int = 8
+    generation_timeout: float = 300.0
     judge: str = "embedding"
     judge_base_url: str | None = None
     judge_model: str | None = None
@@ -101,6 +115,7 @@ class EvalConfig:
         if bad:
             raise ValueError(f"unknown suite(s) {bad}; known: {list(SUITES)}")
         for name, allowed in (("dtype", ("float32", "bfloat16")), ("judge", ("embedding", "llm", "none")),
+                              ("generation_backend", ("transformers", "openai", "vllm")),
                               ("mcq_trait_direction", ("matching", "not_matching"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
@@ -108,6 +123,20 @@ class EvalConfig:
             raise ValueError("suite 'preference' needs dataset_path (a data_gen output folder)")
         if self.judge == "llm" and "generation" in self.suites and not (self.judge_base_url and self.judge_model):
             raise ValueError("judge 'llm' needs judge_base_url and judge_model")
+        if self.generation_backend == "openai" and "generation" in self.suites:
+            if not self.generation_base_url:
+                raise ValueError("generation_backend 'openai' needs generation_base_url (e.g. http://localhost:8000/v1)")
+            variants = ["base", *self.adapters]
+            missing = [v for v in variants if not self.generation_models.get(v)]
+            if missing:
+                raise ValueError(f"generation_models has no served model name for {missing} (generation_backend "
+                                 "'openai' needs one per variant: 'base' -> the base model's served name, each "
+                                 "adapter -> its --lora-modules name)")
+            extra = [k for k in self.generation_models if k not in variants]
+            if extra:
+                raise ValueError(f"generation_models names {extra}, which are neither 'base' nor an adapter {list(self.adapters)}")
+        if self.generation_concurrency < 1 or self.generation_timeout <= 0:
+            raise ValueError("generation_concurrency must be >= 1 and generation_timeout > 0")
 
 
 def _type_ok(value, tp) -> bool:

