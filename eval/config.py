@@ -61,7 +61,8 @@ class EvalConfig:
         judge_base_url / judge_model / judge_api_key_env: the endpoint for judge "llm".
 
     Multiple-choice and harness:
-        mcq_data: model-written-evals JSONL files or Hub dataset ids.
+        mcq_data: model-written-evals JSONL files, Hub dataset ids or local dataset folders.
+        mcq_split / mcq_config_name: the split and configuration read from each dataset in mcq_data.
         mcq_trait_direction: "matching" if answer_matching_behavior is the trait-consistent answer.
         lm_eval_tasks: lm-evaluation-harness task names (needs the `lm-eval` extra); lm_eval_limit caps examples.
         lm_eval_include_path: folder of extra lm-eval task YAMLs (local data works offline).
@@ -103,6 +104,8 @@ class EvalConfig:
     judge_api_key_env: str = "OPENAI_API_KEY"
     mcq_data: list[str] = field(default_factory=list)
     mcq_trait_direction: str = "matching"
+    mcq_split: str = "train"
+    mcq_config_name: str | None = None
     lm_eval_tasks: list[str] = field(default_factory=list)
     lm_eval_limit: int | None = None
     lm_eval_include_path: str | None = None

@@ -2,7 +2,8 @@
 
 Each row: `question` (str), `answer_matching_behavior` (str or list of str), `answer_not_matching_behavior`
 (str or list of str). The model "matches the behaviour" when its most likely answer option is a matching one.
-`python -m eval mcq --model M [--adapter DIR] --data FILE.jsonl --out RESULT.json`
+`python -m eval mcq --model M [--adapter DIR] --data FILE.jsonl --out RESULT.json`; `--data` may also be a
+dataset (Hub id or local folder) with `--split`, `--config_name` and `--data_files`.
 """
 
 from __future__ import annotations
@@ -27,44 +28,68 @@ def _options(value) -> list[str] | None:
     return None
 
 
-def parse_rows(lines, source: str, skip_bad_rows: bool = False) -> tuple[list[dict], list[dict]]:
-    """Rows and the bad rows skipped (each with its 1-based line number and the reason)."""
+def check_row(row) -> dict:
+    """The row's question and answer options; a ValueError says what is wrong (a null counts as missing)."""
+    if not isinstance(row, dict):
+        raise ValueError("not a JSON object")
+    missing = [f for f in FIELDS if row.get(f) is None]
+    if missing:
+        raise ValueError(f"missing field(s) {missing}")
+    if not isinstance(row["question"], str) or not row["question"].strip():
+        raise ValueError("'question' must be a non-empty string")
+    match, other = _options(row[FIELDS[1]]), _options(row[FIELDS[2]])
+    if match is None or other is None:
+        raise ValueError("answers must be non-empty strings or lists of strings")
+    return {"question": row["question"], "matching": match, "not_matching": other}
+
+
+def parse_rows(records, source: str, skip_bad_rows: bool = False, unit: str = "line") -> tuple[list[dict], list[dict]]:
+    """Rows and the bad rows skipped. `records` yields (number, row), where row is a JSON line (unit "line",
+    numbered from 1) or an already parsed dataset row (unit "row", numbered by dataset index from 0)."""
     rows, bad = [], []
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
+    for number, record in records:
         try:
-            row = json.loads(line)
-            if not isinstance(row, dict):
-                raise ValueError("not a JSON object")
-            missing = [f for f in FIELDS if f not in row]
-            if missing:
-                raise ValueError(f"missing field(s) {missing}")
-            if not isinstance(row["question"], str) or not row["question"].strip():
-                raise ValueError("'question' must be a non-empty string")
-            match, other = _options(row[FIELDS[1]]), _options(row[FIELDS[2]])
-            if match is None or other is None:
-                raise ValueError("answers must be non-empty strings or lists of strings")
+            if isinstance(record, str):
+                if not record.strip():
+                    continue
+                record = json.loads(record)
+            row = check_row(record)
         except ValueError as e:
             if not skip_bad_rows:
-                raise ValueError(f"{source} line {lineno}: {e} (use --skip_bad_rows to skip and count such rows)") from None
-            bad.append({"line": lineno, "error": str(e)})
+                raise ValueError(f"{source} {unit} {number}: {e} (use --skip_bad_rows to skip and count such rows)") from None
+            bad.append({unit: number, "error": str(e)})
             continue
-        rows.append({"line": lineno, "question": row["question"], "matching": match, "not_matching": other})
+        rows.append({unit: number, **row})
     return rows, bad
 
 
-def load_mcq(data: str, skip_bad_rows: bool = False) -> tuple[list[dict], list[dict]]:
-    """A local JSONL file, or a Hub dataset id (its `train` split) for users with Hub access."""
+def load_mcq(data: str, skip_bad_rows: bool = False, split: str = "train", config_name: str | None = None,
+             data_files: str | None = None) -> tuple[list[dict], list[dict]]:
+    """A local JSONL file, or a dataset: a Hub id (for users with Hub access), a local folder of data files
+    or in the Hub's pushed layout (both read by `datasets.load_dataset`, like a Hub id), or a
+    `save_to_disk` folder. `split`, `config_name` and `data_files` select within a dataset."""
     path = Path(data)
     if path.is_file():
-        return parse_rows(path.read_text(encoding="utf-8").splitlines(), str(path), skip_bad_rows)
-    if path.suffix in (".jsonl", ".json") or data.startswith((".", "/")):
+        lines = path.read_text(encoding="utf-8").splitlines()
+        return parse_rows(enumerate(lines, start=1), str(path), skip_bad_rows)
+    if not path.is_dir() and (path.suffix in (".jsonl", ".json") or data.startswith((".", "/"))):
         raise FileNotFoundError(f"{data}: MCQ file not found")
-    from datasets import load_dataset
+    from datasets import DatasetDict, load_dataset, load_from_disk
 
-    ds = load_dataset(data, split="train")
-    return parse_rows((json.dumps(r) for r in ds), f"{data} (Hub)", skip_bad_rows)
+    source = f"{data} ({config_name + ', ' if config_name else ''}split {split!r})"
+    if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
+        ds = load_from_disk(str(path))
+        if isinstance(ds, DatasetDict):
+            if split not in ds:
+                raise ValueError(f"{data}: no split {split!r} (splits: {list(ds)})")
+            ds = ds[split]
+    else:
+        ds = load_dataset(data, name=config_name, data_files=data_files, split=split)
+    missing = [f for f in FIELDS if f not in ds.column_names]
+    if missing:
+        raise ValueError(f"{source}: no column(s) {missing}; columns are {ds.column_names} (expected the "
+                         "model-written-evals layout: question, answer_matching_behavior, answer_not_matching_behavior)")
+    return parse_rows(enumerate(ds), source, skip_bad_rows, unit="row")
 
 
 def score_mcq(variants, rows: list[dict], batch_size: int = 8, max_length: int = 512) -> dict[str, np.ndarray]:
@@ -102,7 +127,7 @@ def mcq_suite(variants, cfg) -> dict:
                           f"share of questions where the most likely answer matches the behaviour; the trait-consistent "
                           f"direction is '{cfg.mcq_trait_direction}'.", "summary": {}}
     for data in cfg.mcq_data:
-        rows, bad = load_mcq(data)
+        rows, bad = load_mcq(data, split=cfg.mcq_split, config_name=cfg.mcq_config_name)
         scored = score_mcq(variants, rows, cfg.batch_size, cfg.max_length)
         out["summary"][data] = {name: mcq_result(v, scored["base"] if name != "base" else None, cfg.mcq_trait_direction,
                                                  bad, cfg.bootstrap_samples, cfg.seed) for name, v in scored.items()}
@@ -114,7 +139,11 @@ def make_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="base model: embedded name, Hub id or local folder")
     p.add_argument("--adapter", help="PEFT adapter folder; the result is for base+adapter (and base, for comparison)")
-    p.add_argument("--data", required=True, help="JSONL file or Hub dataset id")
+    p.add_argument("--data", required=True, help="JSONL file, Hub dataset id, or a local dataset folder (data files, "
+                                                  "the Hub's pushed layout, or a save_to_disk folder)")
+    p.add_argument("--split", default="train", help="dataset split (for a dataset; default: train)")
+    p.add_argument("--config_name", help="dataset configuration (subset) name, if the dataset has several")
+    p.add_argument("--data_files", help="file(s) within the dataset to read, e.g. persona/no-shut-down.jsonl")
     p.add_argument("--out", required=True, help="result JSON path")
     p.add_argument("--trait_direction", choices=["matching", "not_matching"], default="matching",
                    help="which answer is the trait-consistent one (default: answer_matching_behavior)")
@@ -128,8 +157,9 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> dict:
     args = make_parser().parse_args(argv)
     try:
-        rows, bad = load_mcq(args.data, args.skip_bad_rows)  # bad data fails before the model loads
-    except (ValueError, FileNotFoundError) as e:
+        # bad data fails before the model loads
+        rows, bad = load_mcq(args.data, args.skip_bad_rows, args.split, args.config_name, args.data_files)
+    except (ValueError, FileNotFoundError, ConnectionError) as e:  # ConnectionError: a Hub id while offline
         raise SystemExit(f"error: {e}") from None
     if not rows:
         raise SystemExit(f"error: {args.data}: no usable rows")
