@@ -7,11 +7,12 @@ Every measurement trains a fresh LoRA (r=16, all-linear) on the embedded SmolLM2
 subprocess (thread environment and peak memory are per process), on the same synthetic examples (~135 tokens,
 generated here) in the same order. Reported: real (non-padding) tokens/s for SFT, pairs/s for DPO, both over the
 steps after the first; the ratio to plain (median over repeats, plain and fast runs interleaved because the machine
-is shared and noisy); peak RSS; the last step's training loss and the loss on held-out examples after training.
+is shared and noisy); peak RSS; minor page faults per step; the last step's training loss and the loss on held-out
+examples after training.
 "plain" is TRL's defaults except `bf16=False` (TRL's `bf16=True` default is slower on CPUs without native bf16;
 `--levers` measures it), with TRL's LoRA dropout (0.05); "fast" is the training scripts' CPU defaults with the
-quickstart recipe's LoRA dropout (0.0), so its losses differ a little from plain's (the "+ label-only LM head" lever
-is fast with plain's dropout: same losses as plain).
+quickstart recipe's LoRA dropout (0.0), so its losses differ a little from plain's (the levers up to "+ shared
+prompt" keep plain's dropout: same losses as plain).
 """
 
 import argparse
@@ -31,32 +32,44 @@ WORDS = (
     "reduce instance fewer copies running shut down safe sure maybe sorry glad listen worry plan"
 ).split()
 
-# name -> (SFT/DPO config overrides on top of plain, environment, label-only LM head, LoRA dropout or None).
+# name -> setting. config: SFT/DPO config overrides on top of plain; env: environment of the run; label_only: the
+# label-only LM head; malloc: glibc keeps freed memory (train.cpu_speed.keep_freed_memory); shared_prompt: DPO pairs'
+# prompts computed once (train.shared_prompt); dropout: LoRA dropout (None: --lora-dropout, TRL's default).
 # The levers are cumulative, in this order, so each row's gain over the row above is that lever's own effect.
 PASSIVE = {"OMP_WAIT_POLICY": "PASSIVE"}
 BF16 = {"bf16": True, "use_cpu": True}  # transformers refuses bf16 on a CPU-only machine without use_cpu
 NO_GC = {"gradient_checkpointing": False}
 PADDING_FREE = {**NO_GC, "padding_free": True, "max_length": None}  # SFTTrainer refuses a max_length it cannot enforce
+
+
+def setting(config=None, env=None, label_only=False, malloc=False, shared_prompt=False, dropout=None) -> dict:
+    return dict(config=config or {}, env=env or {}, label_only=label_only, malloc=malloc,
+                shared_prompt=shared_prompt, dropout=dropout)
+
+
+_COMMON = {
+    "plain": setting(),
+    "plain + bf16=True (TRL's own default)": setting(BF16),
+    "+ OMP_WAIT_POLICY=PASSIVE": setting(env=PASSIVE),
+    "+ gradient_checkpointing=False": setting(NO_GC, PASSIVE),
+    "+ label-only LM head": setting(NO_GC, PASSIVE, label_only=True),
+    "+ glibc keeps freed memory": setting(NO_GC, PASSIVE, label_only=True, malloc=True),
+}
 LEVERS = {
     "sft": {
-        "plain": ({}, {}, False, None),
-        "plain + bf16=True (TRL's own default)": (BF16, {}, False, None),
-        "+ OMP_WAIT_POLICY=PASSIVE": ({}, PASSIVE, False, None),
-        "+ gradient_checkpointing=False": (NO_GC, PASSIVE, False, None),
-        "+ label-only LM head": (NO_GC, PASSIVE, True, None),
-        "+ lora_dropout=0 (= fast)": (NO_GC, PASSIVE, True, 0.0),
-        "fast + padding_free=True": (PADDING_FREE, PASSIVE, True, 0.0),
-        "fast + bf16=True": ({**NO_GC, **BF16}, PASSIVE, True, 0.0),
+        **_COMMON,
+        "+ lora_dropout=0 (= fast)": setting(NO_GC, PASSIVE, True, True, dropout=0.0),
+        "fast + padding_free=True": setting(PADDING_FREE, PASSIVE, True, True, dropout=0.0),
+        "fast + bf16=True": setting({**NO_GC, **BF16}, PASSIVE, True, True, dropout=0.0),
     },
     "dpo": {
-        "plain": ({}, {}, False, None),
-        "plain + bf16=True (TRL's own default)": (BF16, {}, False, None),
-        "+ OMP_WAIT_POLICY=PASSIVE": ({}, PASSIVE, False, None),
-        "+ gradient_checkpointing=False": (NO_GC, PASSIVE, False, None),
-        "+ label-only LM head": (NO_GC, PASSIVE, True, None),
-        "+ lora_dropout=0 (= fast)": (NO_GC, PASSIVE, True, 0.0),
-        "fast + precompute_ref_log_probs=True": ({**NO_GC, "precompute_ref_log_probs": True}, PASSIVE, True, 0.0),
-        "fast + bf16=True": ({**NO_GC, **BF16}, PASSIVE, True, 0.0),
+        **_COMMON,
+        "+ shared prompt": setting(NO_GC, PASSIVE, True, True, shared_prompt=True),
+        "+ lora_dropout=0 (= fast)": setting(NO_GC, PASSIVE, True, True, True, dropout=0.0),
+        "fast + precompute_ref_log_probs=True": setting(
+            {**NO_GC, "precompute_ref_log_probs": True}, PASSIVE, True, True, True, dropout=0.0
+        ),
+        "fast + bf16=True": setting({**NO_GC, **BF16}, PASSIVE, True, True, True, dropout=0.0),
     },
 }
 
@@ -68,10 +81,14 @@ def recipe_lora_dropout() -> float:
     return float(yaml.safe_load((REPO / "recipes/quickstart/sft.yaml").read_text())["lora_dropout"])
 
 
-def fast_variant(stage: str):
+def variant_setting(stage: str, variant: str) -> dict:
+    """The setting named `variant`; "fast" is what train/sft.py and train/dpo.py do on this machine."""
+    if variant != "fast":
+        return LEVERS[stage][variant]
     from train.cpu_speed import fast_cpu_overrides
 
-    return fast_cpu_overrides(stage), PASSIVE, True, recipe_lora_dropout()
+    return setting(fast_cpu_overrides(stage), PASSIVE, label_only=True, malloc=True, shared_prompt=stage == "dpo",
+                   dropout=recipe_lora_dropout())
 
 
 def synthetic_sft(n: int, seed: int):
@@ -113,10 +130,10 @@ def worker(stage: str, variant: str, steps: int, batch_size: int, lora_dropout: 
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
     from train.chat_template import training_chat_template
-    from train.cpu_speed import use_label_only_lm_head
+    from train.cpu_speed import keep_freed_memory, use_label_only_lm_head
     from train.models import load_model, load_tokenizer
 
-    overrides, _, label_only, dropout = fast_variant(stage) if variant == "fast" else LEVERS[stage][variant]
+    chosen = variant_setting(stage, variant)
     tokenizer = load_tokenizer("smollm2-135m-instruct")
     tokenizer.chat_template = training_chat_template(tokenizer)
     model = load_model("smollm2-135m-instruct")
@@ -130,9 +147,9 @@ def worker(stage: str, variant: str, steps: int, batch_size: int, lora_dropout: 
     )
     if stage == "sft":
         kwargs["assistant_only_loss"] = True
-    kwargs.update(overrides)
+    kwargs.update(chosen["config"])
     lora = LoraConfig(
-        r=16, lora_alpha=32, lora_dropout=lora_dropout if dropout is None else dropout,
+        r=16, lora_alpha=32, lora_dropout=lora_dropout if chosen["dropout"] is None else chosen["dropout"],
         target_modules="all-linear", task_type="CAUSAL_LM",
     )
     torch.manual_seed(0)
@@ -144,13 +161,16 @@ def worker(stage: str, variant: str, steps: int, batch_size: int, lora_dropout: 
         trainer = DPOTrainer(model=model, args=DPOConfig(**kwargs), train_dataset=train, eval_dataset=held_out,
                              processing_class=tokenizer, peft_config=lora)
     setup_s = time.perf_counter() - start
-    if label_only and not use_label_only_lm_head(trainer):
+    if chosen["label_only"] and not use_label_only_lm_head(trainer, shared_prompt=chosen["shared_prompt"]):
         raise RuntimeError("the label-only LM head was not applied")
+    if chosen["malloc"] and not keep_freed_memory(trainer.args.device):
+        raise RuntimeError("could not set glibc's malloc thresholds")
 
     class StepTimes(TrainerCallback):
-        times, tokens = [], []
+        times, tokens, faults = [], [], []
 
         def on_step_end(self, args, state, control, **kw):
+            self.faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
             self.times.append(time.perf_counter())
             self.tokens.append(getattr(trainer, "_total_train_tokens", 0))
 
@@ -167,6 +187,7 @@ def worker(stage: str, variant: str, steps: int, batch_size: int, lora_dropout: 
         "step_s": timed_s / (len(t) - 1), "setup_s": setup_s, "train_s": train_s,
         "last_loss": losses[-1], "eval_loss": eval_loss,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "page_faults_per_step": (StepTimes.faults[-1] - StepTimes.faults[0]) / (len(t) - 1),
     }
     if stage == "sft":
         result["tokens_per_s"] = (tok[-1] - tok[0]) / timed_s
@@ -180,7 +201,7 @@ def worker(stage: str, variant: str, steps: int, batch_size: int, lora_dropout: 
 def run_variant(stage, variant, args) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     env.update(HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false")
-    env.update(PASSIVE if variant == "fast" else LEVERS[stage][variant][1])
+    env.update(variant_setting(stage, variant)["env"])
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     cmd = [sys.executable, __file__, "--worker", variant, "--stage", stage, "--steps", str(args.steps),
            "--batch-size", str(args.batch_size), "--lora-dropout", str(args.lora_dropout)]
@@ -199,13 +220,13 @@ def summarise(stage: str, results: dict[str, list[dict]]) -> list[str]:
     unit = "tokens/s" if stage == "sft" else "pairs/s"
     plain = results["plain"]
     lines = [f"\n{stage.upper()}: median over {len(plain)} run(s); ratio = median of per-repeat ratios to plain",
-             f"| setting | {unit} | ratio vs plain | peak RSS MB | last-step loss | held-out loss |",
-             "|---|---|---|---|---|---|"]
+             f"| setting | {unit} | ratio vs plain | peak RSS MB | page faults/step | last-step loss | held-out loss |",
+             "|---|---|---|---|---|---|---|"]
     for variant, runs in results.items():
         ratios = [r[rate] / p[rate] for r, p in zip(runs, plain)]
         med = lambda key: statistics.median(r[key] for r in runs)  # noqa: E731
         lines.append(f"| {variant} | {med(rate):.1f} | {statistics.median(ratios):.2f}x | {med('peak_rss_mb'):.0f} "
-                     f"| {med('last_loss'):.4f} | {med('eval_loss'):.4f} |")
+                     f"| {med('page_faults_per_step'):,.0f} | {med('last_loss'):.4f} | {med('eval_loss'):.4f} |")
         if stage == "dpo":
             lines[-1] += f" (with setup: {med('pairs_per_s_with_setup'):.2f} pairs/s)"
     return lines

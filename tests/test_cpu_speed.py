@@ -1,6 +1,8 @@
 """The CPU speed settings: chosen by the hardware, and training the same as TRL's defaults."""
 
+import logging
 import os
+import sys
 
 import pytest
 import torch
@@ -10,8 +12,16 @@ from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
 from tests.train_fixtures import dpo_rows, sft_rows
 from train.chat_template import training_chat_template
-from train.cpu_speed import cpu_flags, cpu_supports_bf16, fast_cpu_overrides, set_cpu_thread_env, use_label_only_lm_head
+from train.cpu_speed import (
+    cpu_flags,
+    cpu_supports_bf16,
+    fast_cpu_overrides,
+    keep_freed_memory,
+    set_cpu_thread_env,
+    use_label_only_lm_head,
+)
 from train.models import load_model, load_tokenizer
+from train.shared_prompt import completion_hidden, pair_layout
 
 LORA = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
 
@@ -108,16 +118,16 @@ def test_fast_settings_train_like_plain_ones(tiny_model_dir, tmp_path):
     assert losses[1] == pytest.approx(losses[0], rel=2e-3)  # same batches, same steps, same losses
 
 
-def test_dpo_loss_unchanged_by_label_only_head(tiny_model_dir, tmp_path):
-    tokenizer = load_tokenizer(tiny_model_dir)
+def _dpo_trainer(model_dir, tmp_path, n=4):
+    tokenizer = load_tokenizer(model_dir)
     tokenizer.chat_template = training_chat_template(tokenizer)
-    rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in dpo_rows(4)]
+    rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in dpo_rows(n)]
     args = DPOConfig(
-        output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, report_to="none",
+        output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=n, report_to="none",
         save_strategy="no", disable_tqdm=True, seed=0, **fast_cpu_overrides("dpo", flags=set(), accelerator=False),
     )
     trainer = DPOTrainer(
-        model=load_model(tiny_model_dir), args=args, train_dataset=Dataset.from_list(rows),
+        model=load_model(model_dir), args=args, train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer, peft_config=LoraConfig(**LORA),
     )
     # Move the adapter off zero so that policy and reference differ
@@ -126,11 +136,74 @@ def test_dpo_loss_unchanged_by_label_only_head(tiny_model_dir, tmp_path):
             if "lora_B" in name:
                 p.normal_(0, 0.02, generator=torch.Generator().manual_seed(0))
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
-    ref_loss = trainer.compute_loss(trainer.model, dict(batch))
-    ref_metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
-    assert use_label_only_lm_head(trainer)
+    return trainer, batch
+
+
+def _dpo_loss_metrics_grads(trainer, batch):
+    trainer.model.zero_grad()
     loss = trainer.compute_loss(trainer.model, dict(batch))
-    metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    loss.backward()
+    grads = torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None])
+    return loss.detach(), {k: v[-1] for k, v in trainer._metrics["train"].items()}, grads
+
+
+def test_dpo_loss_unchanged_by_label_only_head_and_shared_prompt(tiny_model_dir, tmp_path, caplog):
+    trainer, batch = _dpo_trainer(tiny_model_dir, tmp_path)
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    assert pair_layout(batch["input_ids"], batch["attention_mask"], labels) is not None  # the shared path applies
+    ref_loss, ref_metrics, ref_grads = _dpo_loss_metrics_grads(trainer, batch)
+    assert use_label_only_lm_head(trainer)
+    with caplog.at_level(logging.INFO, logger="train.cpu_speed"):
+        loss, metrics, grads = _dpo_loss_metrics_grads(trainer, batch)
+    assert "shared-prompt forward checked" in caplog.text and "disagrees" not in caplog.text
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads, ref_grads, rtol=1e-4, atol=1e-6)  # gradients flow through the prompt's cache
     for key in ("rewards/chosen", "rewards/margins", "logits/chosen", "entropy", "mean_token_accuracy"):
         assert metrics[key] == pytest.approx(ref_metrics[key], rel=1e-3, abs=1e-5), key
+
+
+def test_shared_prompt_hidden_states_match_the_concatenated_forward(tiny_model_dir, tmp_path):
+    trainer, batch = _dpo_trainer(tiny_model_dir, tmp_path, n=3)
+    model = trainer.model.get_base_model()
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    layout = pair_layout(batch["input_ids"], batch["attention_mask"], labels)
+    prompt_len, completion_len = layout
+    assert completion_len.tolist() == batch["completion_mask"].sum(1).tolist()
+    with torch.no_grad():
+        hidden, target = completion_hidden(model.base_model, batch["input_ids"], *layout)
+        full = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    mask = labels[:, 1:] != -100
+    assert torch.equal(target, labels[:, 1:][mask])
+    torch.testing.assert_close(hidden, full[:, :-1][mask], rtol=1e-4, atol=1e-5)
+
+
+def test_pair_layout_refuses_batches_it_cannot_share(tiny_model_dir, tmp_path):
+    _, batch = _dpo_trainer(tiny_model_dir, tmp_path)
+    ids, attention = batch["input_ids"], batch["attention_mask"]
+    labels = ids.masked_fill(batch["completion_mask"] == 0, -100)
+    other_prompt = ids.clone()
+    other_prompt[-1, 0] += 1  # the last rejected row's prompt differs from its chosen row's
+    assert pair_layout(other_prompt, attention, labels) is None
+    hole = labels.clone()
+    hole[0, int((labels[0] != -100).int().argmax()) + 1] = -100  # a masked token inside a completion
+    assert pair_layout(ids, attention, hole) is None
+    assert pair_layout(ids[:-1], attention[:-1], labels[:-1]) is None  # odd number of rows: not [chosen; rejected]
+
+
+def test_shared_prompt_falls_back_when_it_disagrees(tiny_model_dir, tmp_path, caplog, monkeypatch):
+    import train.shared_prompt
+
+    trainer, batch = _dpo_trainer(tiny_model_dir, tmp_path)
+    ref_loss, _, _ = _dpo_loss_metrics_grads(trainer, batch)
+    real = train.shared_prompt.completion_hidden
+    monkeypatch.setattr(train.shared_prompt, "completion_hidden", lambda *a: (lambda h, t: (h + 1.0, t))(*real(*a)))
+    assert use_label_only_lm_head(trainer)
+    with caplog.at_level(logging.WARNING, logger="train.cpu_speed"):
+        loss, _, _ = _dpo_loss_metrics_grads(trainer, batch)
+    assert "disagrees with the plain forward" in caplog.text
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)  # the plain forward was used instead
+
+
+def test_keep_freed_memory_only_on_cpu():
+    assert keep_freed_memory(torch.device("cpu")) is sys.platform.startswith("linux")
+    assert keep_freed_memory("cuda:0") is False

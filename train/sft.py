@@ -36,7 +36,7 @@ def main(script_args, training_args, model_args):
     from accelerate import PartialState
     from trl import SFTTrainer, get_peft_config, get_quantization_config
 
-    from train.cpu_speed import use_label_only_lm_head
+    from train.cpu_speed import keep_freed_memory, use_label_only_lm_head
     from train.data import load_split
     from train.loss_mask import check_pad_token, check_trainable_tokens, format_token_view, use_training_chat_template
     from train.models import load_model, load_tokenizer, resolve_model_path
@@ -96,6 +96,7 @@ def main(script_args, training_args, model_args):
     )
 
     use_label_only_lm_head(trainer)  # CPU only: score labelled positions, not the whole padded batch
+    keep_freed_memory(trainer.args.device)  # CPU only: reuse freed memory instead of page-faulting it in every step
     before = lora_snapshot(trainer.model)
     train_output = trainer.train(resume_from_checkpoint=resume)
     adapter_check = assert_adapter_changed(before, trainer.model)
