@@ -1,12 +1,13 @@
 """`python -m eval [--config X.yaml]` runs the eval recipe; `python -m eval mcq ...` scores a multiple-choice
 file; `python -m eval aggregate ...` merges several runs (seeds) into one report."""
 
-import os
 import sys
 
-# OpenMP threads that spin at barriers stall every op when the CPU is shared; libgomp reads this once, at
-# torch import, so it is set before anything imports torch (see train/cpu_speed.py).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from train.cpu_speed import set_cpu_thread_env
+
+# OpenMP threads that spin at barriers stall every op when the CPU is shared; libgomp reads the wait policy once,
+# at torch import, so it is chosen before anything imports torch (see train/cpu_speed.py).
+set_cpu_thread_env()
 
 def main():
     command = sys.argv[1] if len(sys.argv) > 1 else None

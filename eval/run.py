@@ -29,10 +29,13 @@ def evaluate(cfg: EvalConfig) -> dict:
     import torch
 
     from eval.variants import load_variants
+    from train.cpu_speed import keep_freed_memory
 
     torch.manual_seed(cfg.seed)
     timings, t0 = {}, time.time()
     variants = load_variants(cfg.model, cfg.adapters, cfg.dtype)
+    # Scoring allocates vocabulary-wide logits per batch: reuse that memory rather than page-fault it in again
+    keep_freed_memory(next(variants.model.parameters()).device)
     timings["load"] = time.time() - t0
     n_params = sum(p.numel() for p in variants.model.parameters())
     report = {

@@ -34,42 +34,47 @@ WORDS = (
 
 # name -> setting. config: SFT/DPO config overrides on top of plain; env: environment of the run; label_only: the
 # label-only LM head; malloc: glibc keeps freed memory (train.cpu_speed.keep_freed_memory); shared_prompt: DPO pairs'
-# prompts computed once (train.shared_prompt); dropout: LoRA dropout (None: --lora-dropout, TRL's default).
+# prompts computed once (train.shared_prompt); unpad: MLPs on real tokens only (train.unpadded_mlp); dropout: LoRA
+# dropout (None: --lora-dropout, TRL's default).
 # The levers are cumulative, in this order, so each row's gain over the row above is that lever's own effect.
 PASSIVE = {"OMP_WAIT_POLICY": "PASSIVE"}
+AUTO = "auto"  # the wait policy train.cpu_speed.set_cpu_thread_env picks (PASSIVE only when the CPU is busy)
 BF16 = {"bf16": True, "use_cpu": True}  # transformers refuses bf16 on a CPU-only machine without use_cpu
 NO_GC = {"gradient_checkpointing": False}
 PADDING_FREE = {**NO_GC, "padding_free": True, "max_length": None}  # SFTTrainer refuses a max_length it cannot enforce
 
 
-def setting(config=None, env=None, label_only=False, malloc=False, shared_prompt=False, dropout=None) -> dict:
+def setting(config=None, env=None, label_only=False, malloc=False, shared_prompt=False, unpad=False, dropout=None):
     return dict(config=config or {}, env=env or {}, label_only=label_only, malloc=malloc,
-                shared_prompt=shared_prompt, dropout=dropout)
+                shared_prompt=shared_prompt, unpad=unpad, dropout=dropout)
 
 
 _COMMON = {
     "plain": setting(),
     "plain + bf16=True (TRL's own default)": setting(BF16),
     "+ OMP_WAIT_POLICY=PASSIVE": setting(env=PASSIVE),
-    "+ gradient_checkpointing=False": setting(NO_GC, PASSIVE),
-    "+ label-only LM head": setting(NO_GC, PASSIVE, label_only=True),
-    "+ glibc keeps freed memory": setting(NO_GC, PASSIVE, label_only=True, malloc=True),
+    "+ wait policy by load (PASSIVE only if busy)": setting(env=AUTO),
+    "+ gradient_checkpointing=False": setting(NO_GC, AUTO),
+    "+ label-only LM head": setting(NO_GC, AUTO, label_only=True),
+    "+ glibc keeps freed memory": setting(NO_GC, AUTO, label_only=True, malloc=True),
 }
 LEVERS = {
     "sft": {
         **_COMMON,
-        "+ lora_dropout=0 (= fast)": setting(NO_GC, PASSIVE, True, True, dropout=0.0),
-        "fast + padding_free=True": setting(PADDING_FREE, PASSIVE, True, True, dropout=0.0),
-        "fast + bf16=True": setting({**NO_GC, **BF16}, PASSIVE, True, True, dropout=0.0),
+        "+ MLPs skip padding": setting(NO_GC, AUTO, True, True, unpad=True),
+        "+ lora_dropout=0 (= fast)": setting(NO_GC, AUTO, True, True, unpad=True, dropout=0.0),
+        "fast + padding_free=True": setting(PADDING_FREE, AUTO, True, True, unpad=True, dropout=0.0),
+        "fast + bf16=True": setting({**NO_GC, **BF16}, AUTO, True, True, unpad=True, dropout=0.0),
     },
     "dpo": {
         **_COMMON,
-        "+ shared prompt": setting(NO_GC, PASSIVE, True, True, shared_prompt=True),
-        "+ lora_dropout=0 (= fast)": setting(NO_GC, PASSIVE, True, True, True, dropout=0.0),
+        "+ shared prompt": setting(NO_GC, AUTO, True, True, shared_prompt=True),
+        "+ MLPs skip padding": setting(NO_GC, AUTO, True, True, True, unpad=True),
+        "+ lora_dropout=0 (= fast)": setting(NO_GC, AUTO, True, True, True, unpad=True, dropout=0.0),
         "fast + precompute_ref_log_probs=True": setting(
-            {**NO_GC, "precompute_ref_log_probs": True}, PASSIVE, True, True, True, dropout=0.0
+            {**NO_GC, "precompute_ref_log_probs": True}, AUTO, True, True, True, unpad=True, dropout=0.0
         ),
-        "fast + bf16=True": setting({**NO_GC, **BF16}, PASSIVE, True, True, True, dropout=0.0),
+        "fast + bf16=True": setting({**NO_GC, **BF16}, AUTO, True, True, True, unpad=True, dropout=0.0),
     },
 }
 
@@ -87,8 +92,8 @@ def variant_setting(stage: str, variant: str) -> dict:
         return LEVERS[stage][variant]
     from train.cpu_speed import fast_cpu_overrides
 
-    return setting(fast_cpu_overrides(stage), PASSIVE, label_only=True, malloc=True, shared_prompt=stage == "dpo",
-                   dropout=recipe_lora_dropout())
+    return setting(fast_cpu_overrides(stage), AUTO, label_only=True, malloc=True, shared_prompt=stage == "dpo",
+                   unpad=True, dropout=recipe_lora_dropout())
 
 
 def synthetic_sft(n: int, seed: int):
@@ -123,6 +128,10 @@ def worker(stage: str, variant: str, steps: int, batch_size: int, lora_dropout: 
     """Train one variant in this process and return its measurements."""
     import resource
 
+    if variant == "fast" or LEVERS[stage][variant]["env"] == AUTO:  # before torch loads, as in the training scripts
+        from train.cpu_speed import set_cpu_thread_env
+
+        set_cpu_thread_env()
     import datasets
     import torch
     from peft import LoraConfig
@@ -161,7 +170,8 @@ def worker(stage: str, variant: str, steps: int, batch_size: int, lora_dropout: 
         trainer = DPOTrainer(model=model, args=DPOConfig(**kwargs), train_dataset=train, eval_dataset=held_out,
                              processing_class=tokenizer, peft_config=lora)
     setup_s = time.perf_counter() - start
-    if chosen["label_only"] and not use_label_only_lm_head(trainer, shared_prompt=chosen["shared_prompt"]):
+    fast_head = dict(shared_prompt=chosen["shared_prompt"], unpad_mlp=chosen["unpad"])
+    if chosen["label_only"] and not use_label_only_lm_head(trainer, **fast_head):
         raise RuntimeError("the label-only LM head was not applied")
     if chosen["malloc"] and not keep_freed_memory(trainer.args.device):
         raise RuntimeError("could not set glibc's malloc thresholds")
@@ -188,6 +198,7 @@ def worker(stage: str, variant: str, steps: int, batch_size: int, lora_dropout: 
         "last_loss": losses[-1], "eval_loss": eval_loss,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "page_faults_per_step": (StepTimes.faults[-1] - StepTimes.faults[0]) / (len(t) - 1),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
     }
     if stage == "sft":
         result["tokens_per_s"] = (tok[-1] - tok[0]) / timed_s
@@ -201,7 +212,8 @@ def worker(stage: str, variant: str, steps: int, batch_size: int, lora_dropout: 
 def run_variant(stage, variant, args) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     env.update(HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false")
-    env.update(variant_setting(stage, variant)["env"])
+    if variant_setting(stage, variant)["env"] != AUTO:  # AUTO: the worker chooses, as the training scripts do
+        env.update(variant_setting(stage, variant)["env"])
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     cmd = [sys.executable, __file__, "--worker", variant, "--stage", stage, "--steps", str(args.steps),
            "--batch-size", str(args.batch_size), "--lora-dropout", str(args.lora_dropout)]
@@ -210,8 +222,8 @@ def run_variant(stage, variant, args) -> dict:
     if proc.returncode != 0 or not lines:
         sys.exit(f"{stage}/{variant} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     result = json.loads(lines[-1][len("BENCH "):])
-    print(f"  {stage:3} {variant:32} {json.dumps({k: round(v, 3) for k, v in result.items() if isinstance(v, float)})}",
-          flush=True)
+    floats = {k: round(v, 3) for k, v in result.items() if isinstance(v, float)}
+    print(f"  {stage:3} {variant:32} OMP {result['omp_wait_policy']} {json.dumps(floats)}", flush=True)
     return result
 
 

@@ -38,7 +38,6 @@ fi
 
 # Offline by default: the embedded defaults need no Hub, and W&B never asks for a login.
 export HF_HUB_DISABLE_TELEMETRY=1
-export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"  # spinning OpenMP threads stall a shared CPU
 export TOKENIZERS_PARALLELISM="${TOKENIZERS_PARALLELISM:-false}"
 if [ -z "${WANDB_MODE:-}" ] && [ -z "${WANDB_API_KEY:-}" ] && ! grep -qs "api.wandb.ai" "$HOME/.netrc"; then
   export WANDB_MODE=offline

@@ -14,6 +14,7 @@ from tests.train_fixtures import dpo_rows, sft_rows
 from train.chat_template import training_chat_template
 from train.cpu_speed import (
     cpu_flags,
+    cpu_busy_fraction,
     cpu_supports_bf16,
     fast_cpu_overrides,
     keep_freed_memory,
@@ -22,6 +23,7 @@ from train.cpu_speed import (
 )
 from train.models import load_model, load_tokenizer
 from train.shared_prompt import completion_hidden, pair_layout
+from train.unpadded_mlp import UnpaddedMLP
 
 LORA = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
 
@@ -53,13 +55,27 @@ def test_overrides_per_stage_and_none_on_gpu():
     DPOConfig(output_dir="x", **fast_cpu_overrides("dpo", flags=set(), accelerator=False))
 
 
-def test_thread_env_keeps_a_user_choice(monkeypatch):
+def test_thread_wait_policy_chosen_by_load(monkeypatch, tmp_path):
+    import train.cpu_speed
+
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
-    set_cpu_thread_env()
-    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+    assert set_cpu_thread_env() == "ACTIVE" and os.environ["OMP_WAIT_POLICY"] == "ACTIVE"  # the user's choice stays
     monkeypatch.delenv("OMP_WAIT_POLICY")
-    set_cpu_thread_env()
-    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setattr(train.cpu_speed, "cpu_busy_fraction", lambda: 0.05)
+    assert set_cpu_thread_env() is None and "OMP_WAIT_POLICY" not in os.environ  # idle CPU: libgomp's spinning
+    monkeypatch.setattr(train.cpu_speed, "cpu_busy_fraction", lambda: 0.8)
+    assert set_cpu_thread_env() == "PASSIVE" and os.environ["OMP_WAIT_POLICY"] == "PASSIVE"  # busy: threads sleep
+
+
+def test_cpu_busy_fraction_from_proc_stat(tmp_path, monkeypatch):
+    import train.cpu_speed
+
+    stat = tmp_path / "stat"
+    samples = iter(["cpu  100 0 100 800 0 0 0 0 0 0\n", "cpu  160 0 140 900 0 0 0 0 0 0\n"])
+    monkeypatch.setattr(train.cpu_speed.time, "sleep", lambda s: stat.write_text(next(samples)))
+    stat.write_text(next(samples))
+    assert cpu_busy_fraction(0.0, stat) == pytest.approx(0.5)  # 100 busy of 200 jiffies
+    assert cpu_busy_fraction(0.0, tmp_path / "missing") is None
 
 
 def _sft_trainer(model_dir, tmp_path, n=8, **overrides):
@@ -196,7 +212,11 @@ def test_shared_prompt_falls_back_when_it_disagrees(tiny_model_dir, tmp_path, ca
     trainer, batch = _dpo_trainer(tiny_model_dir, tmp_path)
     ref_loss, _, _ = _dpo_loss_metrics_grads(trainer, batch)
     real = train.shared_prompt.completion_hidden
-    monkeypatch.setattr(train.shared_prompt, "completion_hidden", lambda *a: (lambda h, t: (h + 1.0, t))(*real(*a)))
+    def off_by_one(*args, **kwargs):
+        hidden, target = real(*args, **kwargs)
+        return hidden + 1.0, target
+
+    monkeypatch.setattr(train.shared_prompt, "completion_hidden", off_by_one)
     assert use_label_only_lm_head(trainer)
     with caplog.at_level(logging.WARNING, logger="train.cpu_speed"):
         loss, _, _ = _dpo_loss_metrics_grads(trainer, batch)
@@ -207,3 +227,26 @@ def test_shared_prompt_falls_back_when_it_disagrees(tiny_model_dir, tmp_path, ca
 def test_keep_freed_memory_only_on_cpu():
     assert keep_freed_memory(torch.device("cpu")) is sys.platform.startswith("linux")
     assert keep_freed_memory("cuda:0") is False
+
+
+def test_unpadded_mlp_skips_padding_and_keeps_real_tokens(tiny_model_dir):
+    model = load_model(tiny_model_dir)
+    ids = torch.randint(3, model.config.vocab_size, (3, 9), generator=torch.Generator().manual_seed(0))
+    attention = torch.ones_like(ids)
+    attention[0, 5:] = 0
+    attention[2, 7:] = 0
+    body = model.get_decoder()
+    with torch.no_grad():
+        plain = body(input_ids=ids, attention_mask=attention).last_hidden_state
+    unpad = UnpaddedMLP(model)
+    assert unpad.wrapped == len(body.layers)
+    rows_seen = []
+    hook = body.layers[0].mlp.gate_proj.register_forward_hook(lambda m, i, o: rows_seen.append(i[0].shape[0]))
+    with torch.no_grad(), unpad.tokens(attention):
+        fast = body(input_ids=ids, attention_mask=attention).last_hidden_state
+    hook.remove()
+    assert rows_seen == [int(attention.sum())]  # the MLP ran on the 23 real tokens, not 27 positions
+    real = attention.bool()
+    torch.testing.assert_close(fast[real], plain[real], rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # outside the block: the model's own forward
+        torch.testing.assert_close(body(input_ids=ids, attention_mask=attention).last_hidden_state, plain)

@@ -3,8 +3,9 @@
 Measured on SmolLM2-135M-Instruct (2 cores, `scripts/bench_train.py`), TRL's defaults lose most of the time to:
 
 - OpenMP threads spinning at barriers when the cores are shared (the default wait policy): every elementwise op
-  waits for a descheduled thread. `OMP_WAIT_POLICY=PASSIVE` fixes it; it must be set before torch is imported, so
-  the training scripts call `set_cpu_thread_env()` first thing.
+  waits for a descheduled thread. `OMP_WAIT_POLICY=PASSIVE` fixes it, but costs 15-20% on an idle CPU, so
+  `set_cpu_thread_env()` sets it only when the CPU is busy with other work at start; it must run before torch is
+  imported, so the training scripts call it first thing.
 - TRL's fused LM head: on devices without Triton it scores *every* position (prompt and padding included) in
   32768-wide fp32 tiles, with about fifteen elementwise passes per tile, forward and backward. `use_label_only_lm_head`
   scores only the positions that carry a label, with one log-softmax, and fills the same output fields.
@@ -12,6 +13,8 @@ Measured on SmolLM2-135M-Instruct (2 cores, `scripts/bench_train.py`), TRL's def
   each page is faulted in and zeroed again; `keep_freed_memory` keeps freed memory for reuse.
 - DPO runs each pair's prompt through the model twice per forward, and pads both completions to the longest row;
   the label-only head computes each prompt once for both completions (`train.shared_prompt`).
+- Padding: every padded position goes through every MLP. The label-only head runs the MLPs on real tokens only
+  (`train.unpadded_mlp`; attention keeps the padded layout).
 - Gradient checkpointing (TRL's default) re-runs the forward; a small model's activations fit in RAM.
 - `bf16=True` on a CPU without AVX512-BF16/AMX: bf16 matmuls are emulated and run ~4x slower than fp32.
 - LoRA dropout: PEFT draws a fresh mask for every adapted layer (210 with all-linear on SmolLM2-135M) every step,
@@ -33,10 +36,12 @@ Use (the training scripts):
     keep_freed_memory(trainer.args.device)    # no-op off CPU
 """
 
+import contextlib
 import functools
 import logging
 import os
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -45,21 +50,49 @@ logger = logging.getLogger(__name__)
 # CPU flags with native bf16 matmuls (AVX512-BF16 on Cooper Lake/Sapphire Rapids/Zen 4, AMX on Sapphire Rapids+)
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 # glibc mallopt() parameters (malloc.h)
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
 # Logit transforms the label-only head does not reproduce: models with any of these keep TRL's head
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
 
 
-def set_cpu_thread_env() -> None:
-    """Make OpenMP threads sleep rather than spin at barriers (unless the user chose a policy).
+def cpu_busy_fraction(seconds: float = 0.25, stat: str | Path = "/proc/stat") -> float | None:
+    """Fraction of this machine's CPU time spent by running work over the next `seconds` (None: no /proc/stat)."""
 
-    With spinning threads, a shared CPU (other jobs, or more threads than free cores) makes each elementwise op wait
-    for a descheduled thread: measured 15 ms instead of 0.5 ms for a 0.8M-element multiply. libgomp reads the
-    policy once, when torch loads it, so this must run before `import torch`.
+    def sample():
+        fields = [int(x) for x in Path(stat).read_text().splitlines()[0].split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields[:8]), idle  # guest time is already counted in user
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 <= total0:
+        return None
+    return 1 - (idle1 - idle0) / (total1 - total0)
+
+
+def set_cpu_thread_env(busy_threshold: float = 0.25) -> str | None:
+    """Choose how OpenMP threads wait at barriers, from how busy the CPU is now (unless the user chose a policy).
+
+    With spinning threads (libgomp's default), a shared CPU makes each elementwise op wait for a descheduled thread:
+    measured 15 ms instead of 0.5 ms for a 0.8M-element multiply, and a DPO step 2x slower under load. On an idle
+    CPU, spinning is what keeps back-to-back ops fast: sleeping threads made the same DPO step 15-20% slower
+    (6.9 s against 5.8 s). So: `OMP_WAIT_POLICY=PASSIVE` when other work already uses more than `busy_threshold`
+    of the CPU when the run starts, libgomp's default otherwise. libgomp reads the policy once, when torch loads
+    it, so this must run before `import torch`. Returns the policy set, or None when it left the default.
     """
-    if "torch" in sys.modules and "OMP_WAIT_POLICY" not in os.environ:
+    if "OMP_WAIT_POLICY" in os.environ:
+        return os.environ["OMP_WAIT_POLICY"]
+    if "torch" in sys.modules:
         logger.warning("set_cpu_thread_env() called after torch was imported: OMP_WAIT_POLICY has no effect now")
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    busy = cpu_busy_fraction()
+    if busy is not None and busy > busy_threshold:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        return "PASSIVE"
+    return None
 
 
 def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> set[str]:
@@ -112,8 +145,9 @@ def keep_freed_memory(device) -> bool:
     By default glibc serves allocations over 32 MiB with a fresh mmap and unmaps them on free, so every large
     tensor (the LM head's `tokens x vocabulary` logits, ~150 MiB for a DPO batch) is page-faulted in again on every
     step: ~0.6-0.9 million page faults per DPO step measured on SmolLM2-135M, and a log_softmax + exp over
-    [778, 49152] took 189 ms instead of 74 ms. Raising the mmap and trim thresholds keeps freed memory in the
-    heap for reuse (what jemalloc/tcmalloc give PyTorch on CPU). The process keeps its peak memory until it exits.
+    [778, 49152] took 189 ms instead of 74 ms. Raising the mmap and trim thresholds, with a single arena, keeps
+    freed memory in the heap for reuse (what jemalloc/tcmalloc give PyTorch on CPU). The process keeps its peak
+    memory until it exits.
     """
     import ctypes
 
@@ -123,24 +157,33 @@ def keep_freed_memory(device) -> bool:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:  # not glibc (e.g. musl)
         return False
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
+    # One arena: with per-thread arenas (capped at 64 MiB heaps) big blocks still came from mmap: 244k faults per
+    # DPO step with the thresholds alone, ~40 with one arena too.
+    settings = ((M_MMAP_THRESHOLD, 1 << 30), (M_TRIM_THRESHOLD, 1 << 30), (M_ARENA_MAX, 1))
+    return all(libc.mallopt(param, value) for param, value in settings)
 
 
-def _label_only_forward(model, outputs, shared_prompt):
+def _label_only_forward(model, outputs, shared_prompt, unpad_mlp):
     import torch
     from trl.trainer.utils import FusedCausalLMOutput
 
     from train.shared_prompt import completion_hidden, pair_layout
+    from train.unpadded_mlp import UnpaddedMLP
 
     previous_forward = model.forward
+    unpad = UnpaddedMLP(model) if unpad_mlp else None
     # The shared-prompt path is compared once against the plain one, and dropped if they disagree
     state = {"shared_prompt": shared_prompt, "checked": not shared_prompt}
 
-    def token_log_probs(hidden, target):
+    def token_log_probs(hidden, target, full=True):
+        """(logits, log-softmax or None, log-prob of each target); full=False skips the vocabulary-wide log-softmax."""
         lm_head = model.get_output_embeddings()
         logits = lm_head(hidden.to(lm_head.weight.device)).float()
+        target = target.to(logits.device).unsqueeze(-1)
+        if not full:  # one pass over the logits instead of writing a second tokens x vocabulary tensor
+            return logits, None, logits.gather(-1, target).squeeze(-1) - torch.logsumexp(logits, dim=-1)
         log_p = torch.log_softmax(logits, dim=-1)
-        return logits, log_p, log_p.gather(-1, target.to(logits.device).unsqueeze(-1)).squeeze(-1)
+        return logits, log_p, log_p.gather(-1, target).squeeze(-1)
 
     @functools.wraps(type(model).forward)  # `generate` checks its kwargs against the forward's signature
     def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
@@ -162,8 +205,11 @@ def _label_only_forward(model, outputs, shared_prompt):
         else:
             shifted = False
         mask = shift_labels != -100
+        checkpointing = self.is_activation_checkpointing  # recomputation would run outside the unpadded block
         if layout is not None:
-            hidden, target = completion_hidden(self.base_model, kwargs["input_ids"], *layout)
+            hidden, target = completion_hidden(
+                self.base_model, kwargs["input_ids"], *layout, unpad=None if checkpointing else unpad
+            )
             if not state["checked"]:
                 state["checked"] = True
                 with torch.no_grad():
@@ -180,20 +226,25 @@ def _label_only_forward(model, outputs, shared_prompt):
                 else:
                     logger.info("DPO shared-prompt forward checked against the plain one: max diff %.2g", float(diff))
         if layout is None:
-            hidden = self.base_model(*args, **kwargs).last_hidden_state
+            padding, ids = kwargs.get("attention_mask"), kwargs.get("input_ids")
+            if checkpointing or padding is None or ids is None or padding.shape != ids.shape:
+                padding = None  # packed rows (padding_free) carry no mask: nothing to skip
+            with unpad.tokens(padding) if unpad else contextlib.nullcontext():
+                hidden = self.base_model(*args, **kwargs).last_hidden_state
             if shifted:
                 hidden = hidden[:, :-1]
             # Only labelled positions go through the head: with assistant-only loss and padding, about half of them
             hidden, target = hidden[mask], shift_labels[mask]
         mask = mask.to(model.get_output_embeddings().weight.device)
-        logits, log_p, token_log_p = token_log_probs(hidden, target)
+        # Metrics only, as in SFTTrainer and DPOTrainer; not for DPO's reference forward (no grad in training)
+        metrics = torch.is_grad_enabled() or not self.training
+        logits, log_p, token_log_p = token_log_probs(hidden, target, full=metrics)
 
         def spread(x):  # back to (batch, seq), zero on ignored positions, like TRL's head
             return x.new_zeros(mask.shape).masked_scatter(mask, x)
 
         fields = dict.fromkeys(("entropy", "log_sum_sq_probs", "mean_logits", "is_top1"))
-        # Metrics only, as in SFTTrainer and DPOTrainer; not for DPO's reference forward (no grad in training)
-        if torch.is_grad_enabled() or not self.training:
+        if metrics:
             with torch.no_grad():
                 if "entropy" in outputs:
                     fields["entropy"] = spread(-(log_p.exp() * log_p).sum(-1))
@@ -227,14 +278,15 @@ def _patchable(model) -> str | None:
     return None
 
 
-def use_label_only_lm_head(trainer, shared_prompt: bool | None = None) -> bool:
+def use_label_only_lm_head(trainer, shared_prompt: bool | None = None, unpad_mlp: bool = True) -> bool:
     """On CPU, replace the fused LM head SFTTrainer/DPOTrainer installed with one that scores labelled positions only.
 
     Same outputs (per-token log-probs with gradient; entropy, token accuracy, mean logits for the logged metrics),
     same loss, a fraction of the work on CPU. It materialises the logits of the labelled tokens (batch tokens x
     vocabulary, fp32), which CPU batches afford; GPU runs keep TRL's tiled head. For DPOTrainer it also computes
     each pair's prompt once (`train.shared_prompt`; `shared_prompt=False` turns that off), checked against the plain
-    forward on the first batch. Returns whether it patched.
+    forward on the first batch. The MLPs run on real tokens only (`train.unpadded_mlp`; `unpad_mlp=False` turns that
+    off). Returns whether it patched.
     """
     from peft import PeftModel
     from trl import DPOTrainer
@@ -258,6 +310,6 @@ def use_label_only_lm_head(trainer, shared_prompt: bool | None = None) -> bool:
         outputs = ("entropy", "mean_logits", "is_top1")
         if getattr(trainer, "use_weighting", False):
             outputs += ("log_sum_sq_probs",)
-        model.forward = types.MethodType(_label_only_forward(model, outputs, shared_prompt), model)
+        model.forward = types.MethodType(_label_only_forward(model, outputs, shared_prompt, unpad_mlp), model)
         patched = True
     return patched

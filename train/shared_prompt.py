@@ -18,6 +18,7 @@ caller uses the ordinary forward.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 
 import torch
@@ -52,13 +53,17 @@ def pair_layout(input_ids, attention_mask, labels) -> tuple[torch.Tensor, torch.
     return prompt_len, lengths - torch.cat([prompt_len, prompt_len])
 
 
-def completion_hidden(body, input_ids, prompt_len, completion_len) -> tuple[torch.Tensor, torch.Tensor]:
+def completion_hidden(body, input_ids, prompt_len, completion_len, unpad=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Hidden states that predict each completion token, and those tokens: `([tokens, hidden], [tokens])`.
 
     `body` is the decoder without its LM head (`model.get_decoder()` / `model.base_model`). Rows come out in the
     batch's order and each row's tokens in sequence order: the order of `labels[:, 1:][labels[:, 1:] != -100]`.
+    `unpad` (a `train.unpadded_mlp.UnpaddedMLP`) runs the MLPs on real tokens only.
     """
     from transformers import DynamicCache
+
+    def real_tokens(mask):
+        return unpad.tokens(mask) if unpad is not None else contextlib.nullcontext()
 
     pairs = prompt_len.shape[0]
     device = input_ids.device
@@ -68,9 +73,10 @@ def completion_hidden(body, input_ids, prompt_len, completion_len) -> tuple[torc
 
     cache_kw = "cache" if "cache" in inspect.signature(body.forward).parameters else "past_key_values"
     cache = DynamicCache(config=body.config)
-    prompt_hidden = body(
-        input_ids=input_ids[:pairs, :longest_prompt], attention_mask=prompt_mask, use_cache=True, **{cache_kw: cache}
-    ).last_hidden_state
+    with real_tokens(prompt_mask):
+        prompt_hidden = body(
+            input_ids=input_ids[:pairs, :longest_prompt], attention_mask=prompt_mask, use_cache=True, **{cache_kw: cache}
+        ).last_hidden_state
 
     # Rows interleaved (chosen 0, rejected 0, chosen 1, ...) so that repeating the cache row-wise lines up
     order = torch.stack([torch.arange(pairs, device=device), torch.arange(pairs, device=device) + pairs], 1).flatten()
@@ -80,13 +86,14 @@ def completion_hidden(body, input_ids, prompt_len, completion_len) -> tuple[torc
     completion_mask = positions[None, :longest_completion] < completion_len[order][:, None]
     completion_ids = input_ids[order].gather(1, completion_pos.clamp(max=input_ids.shape[1] - 1))
     completion_ids = completion_ids.masked_fill(~completion_mask, 0)
-    completion_hidden_ = body(
-        input_ids=completion_ids,
-        attention_mask=torch.cat([prompt_mask.repeat_interleave(2, 0), completion_mask.long()], 1),
-        position_ids=completion_pos,
-        use_cache=True,
-        **{cache_kw: cache},
-    ).last_hidden_state
+    with real_tokens(completion_mask):
+        completion_hidden_ = body(
+            input_ids=completion_ids,
+            attention_mask=torch.cat([prompt_mask.repeat_interleave(2, 0), completion_mask.long()], 1),
+            position_ids=completion_pos,
+            use_cache=True,
+            **{cache_kw: cache},
+        ).last_hidden_state
 
     # Completion token t is predicted by the hidden state before it: the prompt's last one for t = 0
     last_prompt = prompt_hidden[torch.arange(pairs, device=device), prompt_len - 1].repeat_interleave(2, 0)
