@@ -5,4 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup_env.sh dev
 export HF_HUB_OFFLINE=1
+# Tests start several torch processes at once (DDP, the pipeline smoke run): sleeping OpenMP threads keep them from
+# stalling each other (the training scripts choose by load; see train/cpu_speed.py)
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 python -m pytest "$@"
