@@ -194,11 +194,12 @@ def _label_only_forward(model, outputs, shared_prompt, unpad_mlp):
             )
         kwargs["use_cache"] = False
         layout = None
+        checkpointing = self.is_activation_checkpointing  # recomputation would run outside the unpadded block
         # PEFT passes its optional arguments on as None
         plain_inputs = {k for k, v in kwargs.items() if v is not None} <= {"input_ids", "attention_mask", "use_cache"}
-        if state["shared_prompt"] and not args and shift_labels is None and plain_inputs:
+        if state["shared_prompt"] and not args and shift_labels is None and plain_inputs and not checkpointing:
             sliding = getattr(self.config, "sliding_window", None)
-            if not self.is_activation_checkpointing and not (sliding and kwargs["input_ids"].shape[1] > sliding):
+            if not (sliding and kwargs["input_ids"].shape[1] > sliding):
                 layout = pair_layout(kwargs["input_ids"], kwargs.get("attention_mask"), labels)
         if shift_labels is None:
             shift_labels = labels[:, 1:]
@@ -206,11 +207,8 @@ def _label_only_forward(model, outputs, shared_prompt, unpad_mlp):
         else:
             shifted = False
         mask = shift_labels != -100
-        checkpointing = self.is_activation_checkpointing  # recomputation would run outside the unpadded block
         if layout is not None:
-            hidden, target = completion_hidden(
-                self.base_model, kwargs["input_ids"], *layout, unpad=None if checkpointing else unpad
-            )
+            hidden, target = completion_hidden(self.base_model, kwargs["input_ids"], *layout, unpad=unpad)
             if not state["checked"]:
                 state["checked"] = True
                 with torch.no_grad():
