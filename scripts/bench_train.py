@@ -58,23 +58,25 @@ _COMMON = {
     "+ label-only LM head": setting(NO_GC, AUTO, label_only=True),
     "+ glibc keeps freed memory": setting(NO_GC, AUTO, label_only=True, malloc=True),
 }
+# What every row after "+ glibc keeps freed memory" keeps
+FAST_SO_FAR = dict(env=AUTO, label_only=True, malloc=True)
 LEVERS = {
     "sft": {
         **_COMMON,
-        "+ MLPs skip padding": setting(NO_GC, AUTO, True, True, unpad=True),
-        "+ lora_dropout=0 (= fast)": setting(NO_GC, AUTO, True, True, unpad=True, dropout=0.0),
-        "fast + padding_free=True": setting(PADDING_FREE, AUTO, True, True, unpad=True, dropout=0.0),
-        "fast + bf16=True": setting({**NO_GC, **BF16}, AUTO, True, True, unpad=True, dropout=0.0),
+        "+ MLPs skip padding": setting(NO_GC, **FAST_SO_FAR, unpad=True),
+        "+ lora_dropout=0 (= fast)": setting(NO_GC, **FAST_SO_FAR, unpad=True, dropout=0.0),
+        "fast + padding_free=True": setting(PADDING_FREE, **FAST_SO_FAR, unpad=True, dropout=0.0),
+        "fast + bf16=True": setting({**NO_GC, **BF16}, **FAST_SO_FAR, unpad=True, dropout=0.0),
     },
     "dpo": {
         **_COMMON,
-        "+ shared prompt": setting(NO_GC, AUTO, True, True, shared_prompt=True),
-        "+ MLPs skip padding": setting(NO_GC, AUTO, True, True, True, unpad=True),
-        "+ lora_dropout=0 (= fast)": setting(NO_GC, AUTO, True, True, True, unpad=True, dropout=0.0),
+        "+ shared prompt": setting(NO_GC, **FAST_SO_FAR, shared_prompt=True),
+        "+ MLPs skip padding": setting(NO_GC, **FAST_SO_FAR, shared_prompt=True, unpad=True),
+        "+ lora_dropout=0 (= fast)": setting(NO_GC, **FAST_SO_FAR, shared_prompt=True, unpad=True, dropout=0.0),
         "fast + precompute_ref_log_probs=True": setting(
-            {**NO_GC, "precompute_ref_log_probs": True}, AUTO, True, True, True, unpad=True, dropout=0.0
+            {**NO_GC, "precompute_ref_log_probs": True}, **FAST_SO_FAR, shared_prompt=True, unpad=True, dropout=0.0
         ),
-        "fast + bf16=True": setting({**NO_GC, **BF16}, AUTO, True, True, True, unpad=True, dropout=0.0),
+        "fast + bf16=True": setting({**NO_GC, **BF16}, **FAST_SO_FAR, shared_prompt=True, unpad=True, dropout=0.0),
     },
 }
 
