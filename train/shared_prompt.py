@@ -87,7 +87,7 @@ def completion_hidden(body, input_ids, prompt_len, completion_len, unpad=None) -
     completion_ids = input_ids[order].gather(1, completion_pos.clamp(max=input_ids.shape[1] - 1))
     completion_ids = completion_ids.masked_fill(~completion_mask, 0)
     with real_tokens(completion_mask):
-        completion_hidden_ = body(
+        completion_states = body(
             input_ids=completion_ids,
             attention_mask=torch.cat([prompt_mask.repeat_interleave(2, 0), completion_mask.long()], 1),
             position_ids=completion_pos,
@@ -97,7 +97,7 @@ def completion_hidden(body, input_ids, prompt_len, completion_len, unpad=None) -
 
     # Completion token t is predicted by the hidden state before it: the prompt's last one for t = 0
     last_prompt = prompt_hidden[torch.arange(pairs, device=device), prompt_len - 1].repeat_interleave(2, 0)
-    predictors = torch.cat([last_prompt[:, None], completion_hidden_[:, :-1]], 1)
+    predictors = torch.cat([last_prompt[:, None], completion_states[:, :-1]], 1)
     back = torch.empty_like(order)
     back[order] = torch.arange(order.shape[0], device=device)
     predictors, completion_ids, completion_mask = predictors[back], completion_ids[back], completion_mask[back]
