@@ -18,7 +18,8 @@ for arg in "$@"; do
   esac
 done
 
-source scripts/setup_env.sh
+# An explicit empty argument: a bare `source` would hand this script's own flags (--smoke) to setup_env.sh.
+source scripts/setup_env.sh ""
 R="recipes/$RECIPE"
 ACCEL=recipes/accelerate_configs/cpu.yaml
 if python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
