@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from train_fixtures import write_dataset
 
 from train import dpo, sft
-from train.chat_template import SMOLLM2_TRAINING_TEMPLATE
+from train.chat_template import shipped_template
 from train.models import load_model, load_tokenizer
 
 pytestmark = pytest.mark.slow
@@ -34,7 +34,7 @@ def test_embedded_model_trains_sft_then_dpo_and_keeps_its_template(tmp_path, mon
         out = tmp_path / stage
         manifest = json.loads((out / "training_manifest.json").read_text())
         assert manifest["metrics"]["global_step"] == 2
-        assert (out / "chat_template.jinja").read_text() == SMOLLM2_TRAINING_TEMPLATE
+        assert (out / "chat_template.jinja").read_text() == shipped_template("smollm2")
     sft_w = load_file(tmp_path / "sft" / "adapter_model.safetensors")
     dpo_w = load_file(tmp_path / "dpo" / "adapter_model.safetensors")
     assert any(not torch.equal(sft_w[k], dpo_w[k]) for k in sft_w)

@@ -18,7 +18,7 @@ def make_adapter(base_dir: str, out_dir: Path, seed: int = 0, scale: float = 1.0
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from train.chat_template import CHATML_TRAINING_TEMPLATE
+    from train.chat_template import shipped_template
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base_dir)
@@ -29,7 +29,7 @@ def make_adapter(base_dir: str, out_dir: Path, seed: int = 0, scale: float = 1.0
                 p.mul_(scale)
     peft.save_pretrained(out_dir)
     tok = AutoTokenizer.from_pretrained(base_dir)
-    tok.chat_template = template or CHATML_TRAINING_TEMPLATE
+    tok.chat_template = template or shipped_template("chatml")
     tok.save_pretrained(out_dir)
     (out_dir / "training_manifest.json").write_text(json.dumps({"base_model": base_dir, "stage": "sft"}))
     return out_dir
@@ -168,12 +168,12 @@ def test_recipes_validate():
 def test_adapters_with_different_templates_fail(tiny_model_dir, tmp_path):
     from eval.variants import load_variants
 
-    from train.chat_template import CHATML_TRAINING_TEMPLATE
+    from train.chat_template import shipped_template
 
     make_adapter(tiny_model_dir, tmp_path / "a", seed=1)
     other = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
     make_adapter(tiny_model_dir, tmp_path / "b", seed=1, template=other)
-    assert other != CHATML_TRAINING_TEMPLATE
+    assert other != shipped_template("chatml")
     with pytest.raises(ValueError, match="different chat templates"):
         load_variants(tiny_model_dir, {"a": str(tmp_path / "a"), "b": str(tmp_path / "b")})
 
@@ -182,12 +182,15 @@ def test_aggregate_two_runs(tiny_model_dir, eval_setup, tmp_path):
     from eval.aggregate import main as aggregate_main
 
     root = eval_setup
-    for seed in (0, 1):
-        _run(tiny_model_dir, root, tmp_path / f"s{seed}", {"sft": str(root / "sft")},
-             ["--seed", str(seed), "--suites", "[preference, probes]"])
+    # two different adapters stand in for two training seeds (the same adapter twice is refused)
+    for seed, adapter in ((0, "sft"), (1, "dpo")):
+        _run(tiny_model_dir, root, tmp_path / f"s{seed}", {"sft": str(root / adapter)}, ["--suites", "[preference, probes]"])
     rep = aggregate_main(["--runs", str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(tmp_path / "agg")])
-    assert rep["seeds"] == 2
+    assert rep["n_runs"] == 2
     rec = next(r for r in rep["preference"] if r["trait"] == "all" and r["split"] == "eval_id" and r["model"] == "sft")
-    assert len(rec["accuracy"]["per_run"]) == 2
+    assert len(rec["accuracy"]["per_run"]) == 2 and rec["accuracy"]["n"] == rec["accuracy"]["n_per_run"] == 6
+    assert rec["accuracy_delta"]["verdict"] == "n too small"  # 6 pairs per run
+    with pytest.raises(SystemExit, match="more than once"):
+        aggregate_main(["--runs", str(tmp_path / "s0"), str(tmp_path / "s0"), "--out", str(tmp_path / "agg2")])
     assert (tmp_path / "agg" / "report.md").read_text().startswith("# Eval report")
     assert json.loads((tmp_path / "agg" / "report.json").read_text())["model_index_results"]

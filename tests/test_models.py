@@ -2,9 +2,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from train.chat_template import (
-    CHATML_TRAINING_TEMPLATE,
-    SMOLLM2_TRAINING_TEMPLATE,
     has_generation_markers,
+    shipped_template,
     strip_generation_markers,
     training_chat_template,
 )
@@ -49,8 +48,8 @@ def test_pad_equal_to_eos_is_repaired(tiny_model_dir):
 def test_training_template_renders_like_the_served_one(tiny_model_dir):
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     assert not has_generation_markers(tok.chat_template)
-    assert training_chat_template(tok) == CHATML_TRAINING_TEMPLATE
-    assert strip_generation_markers(SMOLLM2_TRAINING_TEMPLATE) != SMOLLM2_TRAINING_TEMPLATE
+    assert training_chat_template(tok) == shipped_template("chatml")
+    assert strip_generation_markers(shipped_template("smollm2")) != shipped_template("smollm2")
 
 
 def test_training_template_marks_exactly_the_assistant_turns(tiny_model_dir):
@@ -60,7 +59,7 @@ def test_training_template_marks_exactly_the_assistant_turns(tiny_model_dir):
         {"role": "assistant", "content": "Yes, calmly."},
     ]
     out = tok.apply_chat_template(
-        messages, chat_template=CHATML_TRAINING_TEMPLATE, return_dict=True, return_assistant_tokens_mask=True
+        messages, chat_template=shipped_template("chatml"), return_dict=True, return_assistant_tokens_mask=True
     )
     marked = [i for i, m in zip(out["input_ids"], out["assistant_masks"]) if m]
     assert tok.decode(marked) == "Yes, calmly.<|im_end|>"
@@ -77,7 +76,7 @@ def test_unknown_template_fails_with_instructions(tiny_model_dir):
 def test_embedded_smollm2_resolves_and_speaks():
     tok = load_tokenizer("smollm2-135m-instruct")
     assert (tok.eos_token, tok.pad_token) == ("<|im_end|>", "<|endoftext|>")
-    assert training_chat_template(tok) == SMOLLM2_TRAINING_TEMPLATE
+    assert training_chat_template(tok) == shipped_template("smollm2")
     model = load_model("smollm2-135m-instruct")
     assert model.generation_config.eos_token_id == tok.eos_token_id
     ids = tok.apply_chat_template(

@@ -8,7 +8,7 @@ trains (the SFT script also checks that TRL's prepared labels match these).
 
 from pathlib import Path
 
-from train.chat_template import training_chat_template
+from train.chat_template import rendering_problem, training_chat_template
 
 
 def check_pad_token(tokenizer) -> None:
@@ -23,10 +23,31 @@ def check_pad_token(tokenizer) -> None:
 
 
 def use_training_chat_template(tokenizer, chat_template_path: str | None = None) -> None:
-    """Give the tokenizer a template with `{% generation %}` markers that renders like its own one."""
+    """Give the tokenizer a template with `{% generation %}` markers that renders like its own one.
+
+    A user's `chat_template_path` must render like the model's own template too (checked, not trusted).
+    """
+    user_template = None
     if chat_template_path:
-        tokenizer.chat_template = Path(chat_template_path).read_text()
-    tokenizer.chat_template = training_chat_template(tokenizer)
+        path = Path(chat_template_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"chat_template_path: {path} not found")
+        user_template = path.read_text()
+    tokenizer.chat_template = training_chat_template(tokenizer, user_template, source=f"chat_template_path {chat_template_path}")
+
+
+def check_renderable(dataset, tokenizer, columns=("messages",)) -> None:
+    """Raise naming every row the chat template refuses or renders without some of its text, before any model loads."""
+    bad = []
+    for i, row in enumerate(dataset):
+        problem = rendering_problem(tokenizer, [m for c in columns for m in row[c]])
+        if problem:
+            bad.append(f"{row.get('id', f'row {i}')}: {problem}")
+    if bad:
+        shown = "; ".join(bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise ValueError(f"{len(bad)} training row(s) cannot be rendered faithfully by this model's chat template: {shown}. "
+                         "Leave those formats out of training (the data recipe's heldout_formats) or use a model whose "
+                         "template supports them.")
 
 
 def _truncate(ids: list, max_length: int | None, truncation_mode: str) -> list:

@@ -11,7 +11,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from train.chat_template import CHATML_TRAINING_TEMPLATE, strip_generation_markers
+from train.chat_template import shipped_template, strip_generation_markers
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # same ids as SmolLM2: pad 0, bos 1, eos 2
 
@@ -59,7 +59,7 @@ def build_tiny_tokenizer(seed: int = 0, vocab_size: int = 1024) -> PreTrainedTok
         unk_token=None,
     )
     # The served template is plain ChatML; training uses the same text with assistant turns marked.
-    tokenizer.chat_template = strip_generation_markers(CHATML_TRAINING_TEMPLATE)
+    tokenizer.chat_template = strip_generation_markers(shipped_template("chatml"))
     return tokenizer
 
 
