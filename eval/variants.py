@@ -58,7 +58,22 @@ def check_adapter_dir(name: str, adapter_dir: str, base: str) -> Path:
     return d
 
 
-def load_variants(model_name: str, adapters: dict[str, str], dtype: str = "float32") -> Variants:
+def resolve_device(device: str = "auto") -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA GPU")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    """`auto`: bf16 on a GPU that has it (half the memory, tensor cores), fp32 elsewhere (CPU log-probs stay exact)."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
+    return getattr(torch, dtype)
+
+
+def load_variants(model_name: str, adapters: dict[str, str], dtype: str = "float32", device: str = "auto") -> Variants:
     """Load the base once, attach every adapter, and pick the one chat template all of them are scored with.
 
     The template saved with the adapters is used for base and tuned alike, so a difference between the two
@@ -92,7 +107,8 @@ def load_variants(model_name: str, adapters: dict[str, str], dtype: str = "float
     if tokenizer.pad_token_id is None:
         raise ValueError(f"tokenizer of {model_name} has no pad token; batched scoring needs one")
 
-    model = load_model(model_name, dtype=getattr(torch, dtype))
+    device = resolve_device(device)
+    model = load_model(model_name, dtype=resolve_dtype(dtype, device)).to(device)
     names = ["base"]
     if dirs:
         from peft import PeftModel

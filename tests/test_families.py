@@ -10,6 +10,7 @@ from family_models import FAMILIES, MISTRAL_MARKED, build_family_model, build_fa
 from train import dpo, sft
 from train.chat_template import renders_like, training_chat_template
 from train.models import ensure_distinct_pad
+from train.recipe import parse_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 BUILTIN = [f for f in FAMILIES if f != "mistral"]  # Mistral ships no marked copy anywhere: the user writes one
@@ -83,16 +84,13 @@ def test_mistral_fails_early_saying_what_to_write_and_accepts_a_checked_user_tem
 def smoke_data(tmp_path_factory):
     from data_gen.generate import main as data_main
 
-    import os
-    if os.environ.get("FAMILY_DATA"):
-        return Path(os.environ["FAMILY_DATA"])
     out = tmp_path_factory.mktemp("family-data") / "data"
     data_main(["--config", str(REPO / "recipes/smoke/data.yaml"), "--output_dir", str(out)])
     return out
 
 
 def _run(module, *argv):
-    return module.main(*module.make_parser().parse_args_and_config(list(argv)))
+    return module.main(*parse_recipe(module.make_parser(), list(argv)))
 
 
 @pytest.mark.parametrize("family", ["llama3_1", "llama3_2", "qwen2_5", "qwen3", "gemma3", "phi3", "mistral"])
@@ -149,3 +147,54 @@ def test_training_rows_a_template_cannot_render_are_named_before_training():
     with pytest.raises(ValueError, match="agentic-7: the chat template refuses it"):
         check_renderable(Dataset.from_list(rows), tok)
     check_renderable(Dataset.from_list(rows[:1]), tok)
+
+
+def test_eval_device_and_dtype_follow_the_machine():
+    import torch
+
+    from eval.config import EvalConfig
+    from eval.variants import resolve_device, resolve_dtype
+
+    with pytest.raises(ValueError, match="device must be"):
+        EvalConfig(device="gpu", suites=["probes"])
+    assert resolve_dtype("auto", "cpu") == torch.float32
+    if not torch.cuda.is_available():
+        assert resolve_device("auto") == "cpu"
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            resolve_device("cuda")
+
+
+# Each GPU recipe set, chained on a tiny model of its family: only the model, the sizes and the GPU-only precision
+# (bf16 mixed precision) are overridden, so a key the GPU run would trip over trips here first.
+RECIPE_SETS = [("llama-3.1-8b-instruct", "llama3_1", "sft_lora", "dpo_lora"),
+               ("qwen2.5-1.5b-instruct", "qwen2_5", "sft_lora", "dpo_lora")]
+SMALL_DATA = ["--sft_train_per_trait", "8", "--dpo_train_per_trait", "8", "--eval_id_per_trait", "4",
+              "--eval_ood_per_axis_per_trait", "2", "--leakage_embedding_check", "false", "--diversity_sample", "50"]
+SMALL_TRAIN = ["--max_steps", "2", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
+               "--per_device_eval_batch_size", "2", "--eval_steps", "2", "--max_length", "384", "--bf16", "false",
+               "--gradient_checkpointing", "false", "--save_steps", "2", "--report_to", "none"]
+
+
+@pytest.mark.parametrize("recipe_set,family,sft_recipe,dpo_recipe", RECIPE_SETS, ids=[r[0] for r in RECIPE_SETS])
+def test_gpu_recipe_set_chains_on_a_tiny_model_of_its_family(recipe_set, family, sft_recipe, dpo_recipe, tmp_path,
+                                                             monkeypatch):
+    from data_gen.generate import main as data_main
+    from eval.run import main as eval_main
+
+    for key in ("WANDB_MODE", "WANDB_DIR", "WANDB_PROJECT", "WANDB_RUN_GROUP", "WANDB_JOB_TYPE"):
+        monkeypatch.delenv(key, raising=False)
+    r = REPO / "recipes" / recipe_set
+    model = build_family_model(tmp_path / "model", family)
+    data, sft_out, dpo_out = tmp_path / "data", tmp_path / "sft", tmp_path / "dpo"
+    data_main(["--config", str(r / "data.yaml"), "--output_dir", str(data), *SMALL_DATA])
+    common = ["--model_name_or_path", model, "--dataset_name", str(data), *SMALL_TRAIN]
+    _run(sft, "--config", str(r / f"{sft_recipe}.yaml"), *common, "--output_dir", str(sft_out))
+    _run(dpo, "--config", str(r / f"{dpo_recipe}.yaml"), *common, "--sft_adapter", str(sft_out),
+         "--output_dir", str(dpo_out))
+    report = eval_main(["--config", str(r / "eval.yaml"), "--model", model, "--dataset_path", str(data),
+                        "--adapters", json.dumps({"sft": str(sft_out), "dpo": str(dpo_out)}),
+                        "--output_dir", str(tmp_path / "eval"), "--batch_size", "4", "--max_length", "384",
+                        "--reference_paragraphs", "4", "--reference_max_tokens", "32", "--neutral_max_new_tokens", "8",
+                        "--generation_prompts", "2", "--max_new_tokens", "8", "--wandb", "false"])
+    assert report["device"] == "cpu" and report["dtype"] == "float32"  # dtype auto: fp32 without a GPU
+    assert report["preference"] and (tmp_path / "eval" / "report.md").is_file()

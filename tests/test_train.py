@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from train_fixtures import sft_rows, write_dataset
 
 from train import dpo, sft
-from train.recipe import RecipeError, validate_recipe
+from train.recipe import RecipeError, parse_recipe, validate_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE_SFT = str(REPO / "recipes/smoke/sft.yaml")
@@ -24,7 +24,7 @@ PY = sys.executable
 
 
 def run_stage(module, *argv):
-    return module.main(*module.make_parser().parse_args_and_config(list(argv)))
+    return module.main(*parse_recipe(module.make_parser(), list(argv)))
 
 
 @pytest.fixture
@@ -283,3 +283,17 @@ def test_adapter_check_reads_the_lora_update_not_single_tensors():
     before[b_names[0]] = params[b_names[0]].detach().clone()
     with pytest.raises(RuntimeError, match=r"1 of 2 LoRA modules did not change"):
         assert_adapter_changed(before, model)
+
+
+def test_trl_dataset_keys_and_an_eval_split_during_training(tiny_model_dir, data_dir, tmp_path, no_wandb_env):
+    # TRL's `dataset_name` names the data_gen folder; with eval_strategy set, DPO logs held-out reward accuracies.
+    common = ("--model_name_or_path", tiny_model_dir, "--dataset_name", str(data_dir),
+              "--eval_strategy", "steps", "--eval_steps", "2")
+    run_stage(sft, "--config", SMOKE_SFT, *common, "--output_dir", str(tmp_path / "sft"))
+    run_stage(dpo, "--config", SMOKE_DPO, *common, "--sft_adapter", str(tmp_path / "sft"),
+              "--output_dir", str(tmp_path / "dpo"))
+    sft_eval = json.loads((tmp_path / "sft" / "training_manifest.json").read_text())["metrics"]["last_eval"]
+    dpo_manifest = json.loads((tmp_path / "dpo" / "training_manifest.json").read_text())
+    assert sft_eval["eval_loss"] > 0
+    assert 0 <= dpo_manifest["metrics"]["last_eval"]["eval_rewards/accuracies"] <= 1
+    assert dpo_manifest["data"]["path"] == str(data_dir) and dpo_manifest["data"]["config"] == "dpo"

@@ -60,8 +60,8 @@ def main(script_args, training_args, model_args):
     from trl import DPOTrainer, get_peft_config, get_quantization_config
 
     from train.cpu_speed import keep_freed_memory, use_label_only_lm_head
-    from train.data import load_split
-    from train.loss_mask import check_pad_token, check_preference_pairs, use_training_chat_template
+    from train.data import dataset_source, load_split
+    from train.loss_mask import check_pad_token, check_preference_pairs, check_renderable
     from train.models import load_model, load_tokenizer, resolve_model_path
     from train.outputs import (
         assert_adapter_changed,
@@ -82,9 +82,15 @@ def main(script_args, training_args, model_args):
     state = PartialState()
 
     columns = ("prompt", "chosen", "rejected")
+    dataset_name, dataset_config = dataset_source(script_args, "dpo")
     dataset = load_split(
-        script_args.dataset_path, "dpo", script_args.dataset_train_split, columns, script_args.max_train_examples
+        dataset_name, dataset_config, script_args.dataset_train_split, columns, script_args.max_train_examples,
+        traits=script_args.traits,
     )
+    eval_dataset = None
+    if training_args.eval_strategy != "no":  # held-out loss (and DPO's reward accuracies) while training
+        eval_dataset = load_split(dataset_name, dataset_config, script_args.dataset_test_split, columns,
+                                  traits=script_args.traits).select_columns(list(columns))
     base_path = resolve_model_path(model_args.model_name_or_path)
     if script_args.sft_adapter:
         sft_base = _base_of(script_args.sft_adapter)
@@ -96,9 +102,13 @@ def main(script_args, training_args, model_args):
         # The tokenizer saved with the adapter carries the exact chat template SFT trained with.
         tokenizer = load_tokenizer(script_args.sft_adapter)
     else:
+        # DPO scores whole completions and needs no generation markers: train with the template as served.
         tokenizer = load_tokenizer(model_args.model_name_or_path)
-        use_training_chat_template(tokenizer)
+        if not tokenizer.chat_template:
+            raise ValueError(f"{model_args.model_name_or_path} has no chat template; DPO on conversations needs one")
     check_pad_token(tokenizer)
+    check_renderable(dataset, tokenizer, ("prompt", "chosen"))
+    check_renderable(dataset, tokenizer, ("prompt", "rejected"))
     check_preference_pairs(dataset, tokenizer, training_args.max_length, training_args.truncation_mode)
     if script_args.inspect:
         for row in dataset.select(range(min(script_args.inspect, len(dataset)))):
@@ -122,6 +132,7 @@ def main(script_args, training_args, model_args):
         model=model,
         args=training_args,
         train_dataset=dataset.select_columns(list(columns)),
+        eval_dataset=eval_dataset,
         processing_class=tokenizer,
         peft_config=peft_config,
         callbacks=[RecipeToWandb(script_args, model_args)],
@@ -147,7 +158,8 @@ def main(script_args, training_args, model_args):
         "sft_adapter": script_args.sft_adapter,
         "reference_model": "sft adapter (frozen copy)" if script_args.sft_adapter else "base model",
         "data": {
-            "path": script_args.dataset_path,
+            "path": dataset_name,
+            "config": dataset_config,
             "split": script_args.dataset_train_split,
             "pairs": len(dataset),
             "sha256": dataset_sha256(dataset),

@@ -137,6 +137,9 @@ def final_metrics(trainer, train_output, resumed: bool = False) -> dict:
     tokens = [e["num_tokens"] for e in logs if "num_tokens" in e]  # TRL counts attention-mask tokens, all ranks
     if tokens and metrics.get("train_runtime") and not resumed:  # a resumed run's count includes earlier sessions
         metrics["train_tokens_per_second"] = round(tokens[-1] / metrics["train_runtime"], 2)
+    evals = [e for e in logs if "eval_loss" in e]
+    if evals:  # the last held-out evaluation (eval_strategy): loss, and for DPO reward accuracies and margins
+        metrics["last_eval"] = {k: v for k, v in evals[-1].items() if k.startswith("eval_") or k == "step"}
     metrics["global_step"] = trainer.state.global_step
     metrics["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
     if torch.cuda.is_available():

@@ -24,15 +24,37 @@ class RecipeError(ValueError):
 
 @dataclasses.dataclass
 class ScriptArguments:
-    """Arguments of our training scripts that are not TRL's (TRL's live in SFTConfig/DPOConfig/ModelConfig)."""
+    """Arguments of our training scripts that are not TRL's (TRL's live in SFTConfig/DPOConfig/ModelConfig).
 
+    `dataset_name`, `dataset_config`, `dataset_train_split` and `dataset_test_split` mean what they mean in TRL's
+    ScriptArguments (`trl sft`); `dataset_path` is the older name of `dataset_name` and still accepted.
+    """
+
+    dataset_name: str | None = dataclasses.field(
+        default=None,
+        metadata={"help": "Folder written by `python -m data_gen` (holds sft/ and dpo/), or the Hub id it was pushed "
+                          "to. Default: dataset_path."},
+    )
+    dataset_config: str | None = dataclasses.field(
+        default=None, metadata={"help": "Which part of the dataset: 'sft' or 'dpo' (default: the stage's own)."}
+    )
     dataset_path: str = dataclasses.field(
         default="runs/quickstart/data",
-        metadata={"help": "Directory written by `python -m data_gen` (holds sft/ and dpo/ dataset folders)."},
+        metadata={"help": "Alias of dataset_name (the data_gen output folder)."},
     )
     dataset_train_split: str = dataclasses.field(default="train", metadata={"help": "Split to train on."})
+    dataset_test_split: str = dataclasses.field(
+        default="eval_id",
+        metadata={"help": "Held-out split evaluated during training when eval_strategy is not 'no' (eval loss; DPO "
+                          "also logs eval rewards and reward accuracies)."},
+    )
     max_train_examples: int | None = dataclasses.field(
         default=None, metadata={"help": "Use only the first N training examples (quick experiments)."}
+    )
+    traits: list[str] | None = dataclasses.field(
+        default=None,
+        metadata={"help": "Train on these traits' rows only (default: all). One adapter per trait is what lets the "
+                          "cross-trait matrix show interference."},
     )
     experiment: str | None = dataclasses.field(
         default=None,
@@ -154,7 +176,11 @@ def parse_recipe(parser, argv: list[str] | None = None):
     argv = list(sys.argv[1:] if argv is None else argv)
     config_path = config_path_from_argv(argv)
     if config_path is not None:
-        validate_recipe(config_path, parser.dataclass_types)
+        config = validate_recipe(config_path, parser.dataclass_types)
+        if "dataset_name" in config and "dataset_path" in config:
+            raise RecipeError(f"{config_path}: set dataset_name or its alias dataset_path, not both")
+    # The alias on the command line must beat the recipe's dataset_name, as any flag beats the recipe.
+    argv = ["--dataset_name" if a == "--dataset_path" else a for a in argv]
     return parser.parse_args_and_config(argv)
 
 
@@ -178,18 +204,50 @@ def _default(f):
     return dataclasses.MISSING
 
 
-_NEVER_WRITTEN = {"hub_token"}  # secrets stay out of saved recipes
+# Tokenizer settings that end in `_token` but are vocabulary entries, not credentials.
+_TOKENIZER_TOKENS = {"pad_token", "eos_token", "bos_token", "unk_token", "sep_token", "cls_token", "mask_token"}
+
+
+def is_secret(name: str) -> bool:
+    """A credential by its argument name (hub_token, *_token, *_key): never saved, logged or put in W&B."""
+    name = name.lstrip("-").replace("-", "_")
+    return name.endswith(("_token", "_key")) and name not in _TOKENIZER_TOKENS
+
+
+def strip_secrets(training_args) -> None:
+    """Clear credential fields before a Trainer pickles these args into training_args.bin and every checkpoint.
+
+    hub_token moves to HF_TOKEN (read by huggingface_hub), so a Trainer push still authenticates.
+    """
+    import os
+
+    for f in dataclasses.fields(training_args):
+        if is_secret(f.name) and getattr(training_args, f.name, None):
+            if f.name == "hub_token":
+                os.environ.setdefault("HF_TOKEN", training_args.hub_token)
+            setattr(training_args, f.name, None)
+
+
+def strip_secret_argv(argv: list[str]) -> None:
+    """Remove `--x_token V` / `--x_token=V` from argv in place: W&B records the command line."""
+    i = 0
+    while i < len(argv):
+        flag = argv[i]
+        if flag.startswith("--") and is_secret(flag.split("=", 1)[0]):
+            del argv[i:i + (1 if "=" in flag else 2)]
+        else:
+            i += 1
 
 
 def resolved_recipe(*configs) -> dict:
     """Every field whose value differs from its dataclass default, as one flat recipe mapping.
 
-    Feeding the result back with `--config` reproduces the run. Secrets (hub_token) are never written.
+    Feeding the result back with `--config` reproduces the run. Secrets (`is_secret`) are never written.
     """
     out = {}
     for cfg in configs:
         for f in dataclasses.fields(cfg):
-            if not f.init or f.name in _NEVER_WRITTEN:
+            if not f.init or is_secret(f.name):
                 continue
             with warnings.catch_warnings():  # deprecated aliases warn on access
                 warnings.simplefilter("ignore")

@@ -37,8 +37,14 @@ def main(script_args, training_args, model_args):
     from trl import SFTTrainer, get_peft_config, get_quantization_config
 
     from train.cpu_speed import keep_freed_memory, use_label_only_lm_head
-    from train.data import load_split
-    from train.loss_mask import check_pad_token, check_trainable_tokens, format_token_view, use_training_chat_template
+    from train.data import dataset_source, load_split
+    from train.loss_mask import (
+        check_pad_token,
+        check_renderable,
+        check_trainable_tokens,
+        format_token_view,
+        use_training_chat_template,
+    )
     from train.models import load_model, load_tokenizer, resolve_model_path
     from train.outputs import (
         assert_adapter_changed,
@@ -58,9 +64,15 @@ def main(script_args, training_args, model_args):
         raise ValueError("Set `model_name_or_path` in the recipe (e.g. smollm2-135m-instruct).")
     state = PartialState()  # binds each process to its device before the model loads (no device_map under DDP)
 
+    dataset_name, dataset_config = dataset_source(script_args, "sft")
     dataset = load_split(
-        script_args.dataset_path, "sft", script_args.dataset_train_split, ("messages",), script_args.max_train_examples
+        dataset_name, dataset_config, script_args.dataset_train_split, ("messages",), script_args.max_train_examples,
+        traits=script_args.traits,
     )
+    eval_dataset = None
+    if training_args.eval_strategy != "no":  # held-out loss (and DPO's reward accuracies) while training
+        eval_dataset = load_split(dataset_name, dataset_config, script_args.dataset_test_split, ("messages",),
+                                  traits=script_args.traits).select_columns(list(("messages",)))
     tokenizer = load_tokenizer(model_args.model_name_or_path)
     check_pad_token(tokenizer)
     assistant_only = training_args.assistant_only_loss
@@ -73,6 +85,7 @@ def main(script_args, training_args, model_args):
             print(f"=== example {row.get('id', '')} ===")
             print(format_token_view(mask_args[0], row["messages"], *mask_args[1:]))
         return None
+    check_renderable(dataset, tokenizer)
     trainable_tokens = check_trainable_tokens(dataset, *mask_args)
 
     setup_wandb(training_args, script_args, "sft")
@@ -85,6 +98,7 @@ def main(script_args, training_args, model_args):
         model=model,
         args=training_args,
         train_dataset=dataset.select_columns(["messages"]),
+        eval_dataset=eval_dataset,
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
         callbacks=[RecipeToWandb(script_args, model_args)],
@@ -108,7 +122,8 @@ def main(script_args, training_args, model_args):
         "base_model": model_args.model_name_or_path,
         "base_model_path": base_path,
         "data": {
-            "path": script_args.dataset_path,
+            "path": dataset_name,
+            "config": dataset_config,
             "split": script_args.dataset_train_split,
             "examples": len(dataset),
             "trainable_tokens": trainable_tokens,
