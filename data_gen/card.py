@@ -104,6 +104,11 @@ def write_card(path, *, cfg, specs, sizes, axes, div, skipped, leak_checks, gene
         "## Splits",
         "- `train`: training domains and formats only.",
         "- `eval_id`: same domains and formats as train, but scenarios never used in train.",
+        "- Answer wording (templates, phrase variants, prefixes, tool actions) is split into a train and an eval "
+        "pool: eval answers never reuse a training sentence pattern (`wording` = \"unseen\"). Rows on the "
+        "`eval_id` axis `seen_wording` repeat some eval_id prompts with answers in training wording "
+        "(`wording` = \"seen\", same `pair_id` as their unseen twin), to measure what recognising training "
+        "sentences is worth.",
         "- `eval_ood`: distribution shifts, one per `axis`: `heldout_domain` (domains absent from train), "
         f"`heldout_format` (formats absent from train: {', '.join(cfg.heldout_formats) or 'none'}), "
         "`adversarial_pressure` (\"drop the act\", \"no one is watching\"), and `framing` "
@@ -126,7 +131,9 @@ def write_card(path, *, cfg, specs, sizes, axes, div, skipped, leak_checks, gene
              "| trait | split | chosen | rejected | rejected/chosen |", "|---|---|---|---|---|",
              *[f"| {tr} | {sp} | {v['chosen_mean_words']} | {v['rejected_mean_words']} | {v['rejected_to_chosen']} |"
                for tr, splits in (lengths or {}).items() for sp, v in splits.items()], "",
-             "## Leakage checks", "", "```yaml", yaml.safe_dump(leak_checks, sort_keys=False).strip(), "```", ""]
+             "## Leakage checks", "",
+             "`answer_wording.verbatim_sentence_overlap`: share of eval answer sentences found word for word in "
+             "train answers (`unseen_*`: the held-out rows; `seen_*`: the seen_wording contrast rows).", "", "```yaml", yaml.safe_dump(leak_checks, sort_keys=False).strip(), "```", ""]
     if any(skipped.values()):
         body += ["## Skipped user rows", ""] + [f"- {k}: {line}" for k, v in skipped.items() for line in v[:50]] + [""]
     text = "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n\n" + "\n".join(body) + "\n"

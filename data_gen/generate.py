@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .leakage import check_leakage, prompt_text
+from .leakage import check_leakage, check_wording, prompt_text
 from .offline import OOD_AXES, generate_trait
 from .spec import FORMATS, SpecError, load_trait_spec, resolve_trait_path
 from .user_jsonl import BadRowError, read_user_jsonl
@@ -39,6 +39,10 @@ class DataGenConfig:
                                        metadata={"help": f"Formats kept out of train (of {FORMATS})."})
     eval_item_fraction: float = field(default=0.25, metadata={
         "help": "Share of each training domain's scenarios reserved for eval splits."})
+    eval_wording_fraction: float = field(default=0.33, metadata={
+        "help": "Share of each answer-wording list (templates, phrase variants, prefixes, actions) reserved for eval answers."})
+    seen_wording_fraction: float = field(default=0.5, metadata={
+        "help": "Share of eval_id rows also answered in train wording (axis seen_wording) to measure recognition."})
     leakage_embedding_check: bool = field(default=True, metadata={
         "help": "Also check eval prompts against train by MiniLM cosine (exact and n-gram checks always run)."})
     near_duplicate_threshold: float = field(default=0.88, metadata={"help": "Cosine at or above this is a near-duplicate."})
@@ -67,6 +71,10 @@ class DataGenConfig:
         for name in ("near_duplicate_threshold", "ngram_containment_threshold", "eval_item_fraction"):
             if not 0 < getattr(self, name) <= 1:
                 raise ValueError(f"'{name}' must be in (0, 1]")
+        if not 0 < self.eval_wording_fraction < 1:
+            raise ValueError("'eval_wording_fraction' must be in (0, 1): both the train and the eval wording pool need entries")
+        if not 0 <= self.seen_wording_fraction <= 1:
+            raise ValueError("'seen_wording_fraction' must be in [0, 1]")
         if self.push_to_hub is not None and not re.fullmatch(r"[\w.-]+/[\w.-]+", self.push_to_hub):
             raise ValueError(f"'push_to_hub' must look like 'user/name', got {self.push_to_hub!r}")
         if not self.traits and not self.extra_trait_specs:
@@ -102,14 +110,18 @@ def build(cfg: DataGenConfig):
                 log(f"skipped {len(bad)} bad row(s) in {path}: {bad[:3]}{' ...' if len(bad) > 3 else ''}")
 
     data = {kind: {s: [] for s in SPLITS} for kind in ("sft", "dpo")}
+    pools = {}
     for spec in specs:
         out = generate_trait(spec, seed=cfg.seed, n_sft_train=cfg.sft_train_per_trait,
                              n_dpo_train=cfg.dpo_train_per_trait, n_eval_id=cfg.eval_id_per_trait,
                              n_eval_ood=cfg.eval_ood_per_axis_per_trait, heldout_formats=cfg.heldout_formats,
-                             eval_item_fraction=cfg.eval_item_fraction)
+                             eval_item_fraction=cfg.eval_item_fraction, eval_wording_fraction=cfg.eval_wording_fraction,
+                             seen_wording_fraction=cfg.seen_wording_fraction)
+        pools[spec.name] = out["wording"]
         for kind in data:
             for split in SPLITS:
                 data[kind][split] += out[kind][split]
+    wording = check_wording(pools, data)  # before user rows join train: their wording is theirs
     for kind in data:
         data[kind]["train"] += extra[kind]
 
@@ -123,7 +135,7 @@ def build(cfg: DataGenConfig):
     leak_checks = {"eval_prompts": len(evals), "train_prompts": len(train), "exact": "passed",
                    "ngram_containment": f"passed (< {cfg.ngram_containment_threshold})",
                    "embedding": f"passed (cosine < {cfg.near_duplicate_threshold})" if cfg.leakage_embedding_check
-                   else "off"}
+                   else "off", "answer_wording": wording}
     log(f"leakage check passed: {len(evals)} eval prompts vs {len(train)} train prompts ({time.time() - t0:.1f}s)")
     return specs, data, skipped, leak_checks
 
@@ -143,10 +155,11 @@ def _features(kind):
     msgs = List({"role": Value("string"), "content": Value("string")})
     s = Value("string")
     if kind == "sft":
-        cols = {"messages": msgs, **{k: s for k in ("trait", "split", "axis", "domain", "format", "id")}}
+        cols = {"messages": msgs, **{k: s for k in ("trait", "split", "axis", "domain", "format", "id", "wording")}}
     else:
         cols = {"prompt": msgs, "chosen": msgs, "rejected": msgs,
-                **{k: s for k in ("trait", "split", "axis", "failure_mode", "domain", "format", "framing", "pair_id", "id")}}
+                **{k: s for k in ("trait", "split", "axis", "failure_mode", "domain", "format", "framing", "pair_id", "id",
+                                  "wording")}}
     return Features(cols)
 
 
@@ -175,6 +188,9 @@ def finish(cfg, specs, data, skipped, leak_checks, generator):
     from .card import diversity, length_balance, write_card
 
     out_dir = Path(cfg.output_dir)
+    for kind in data:
+        for r in data[kind]["train"]:  # user and teacher rows: whatever their wording, it is what training sees
+            r.setdefault("wording", "seen")
     dicts = write_dataset(data, out_dir)
     sizes = {kind: {s: len(rows) for s, rows in splits.items()} for kind, splits in data.items()}
     axes = {a: sum(r["axis"] == a for r in data["dpo"]["eval_ood"]) for a in OOD_AXES}

@@ -6,7 +6,9 @@ loudly, naming the offending eval rows and the train rows they match.
 """
 
 import importlib.util
+import json
 import re
+import string
 from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
@@ -175,3 +177,78 @@ def check_leakage(train, evals, **kw):
         raise LeakageError(f"{len(leaks)} eval prompt(s) duplicate or nearly duplicate train prompts:\n"
                            + "\n".join(lines) + more)
     return leaks
+
+
+# ---- answer wording ---------------------------------------------------------------------------
+# Eval answers are rendered from eval-pool wording only (offline.partition_wording). These checks
+# confirm it on the written rows and measure what is left: eval answer sentences that still occur
+# word for word in train answers.
+
+_FRAGMENT_MIN_WORDS = 4  # shorter literal pieces ("Got it.") recur by chance, so they prove nothing
+
+
+def answer_text(row, side: str) -> str:
+    """The assistant answer of a DPO row (`side` "chosen"/"rejected") or SFT row, JSON replies unwrapped."""
+    text = row["messages"][-1]["content"] if "messages" in row else row[side][0]["content"]
+    if row.get("format") == "json":
+        try:
+            return json.loads(text)["reply"]
+        except (ValueError, KeyError, TypeError):
+            return text
+    return text
+
+
+def literal_fragments(entry: str) -> list:
+    """The normalised fixed text of a template or phrase variant: the pieces between its {slots}."""
+    pieces = [normalise(lit) for lit, _, _, _ in string.Formatter().parse(entry)]
+    return [p for p in pieces if len(p.split()) >= _FRAGMENT_MIN_WORDS]
+
+
+def find_wording(pool: dict, rows) -> list:
+    """(field, entry, row_id) for each pool entry whose every fixed-text fragment occurs in a row's text.
+
+    `pool` maps field -> entries (offline.answer_lists); `rows` is a list of (row_id, answer text).
+    """
+    entries = [(f, e, frags) for f, es in pool.items() for e in es if (frags := literal_fragments(e))]
+    hits = []
+    for rid, text in rows:
+        padded = f" {normalise(text)} "
+        hits += [(f, e, rid) for f, e, frags in entries if all(f" {fr} " in padded for fr in frags)]
+    return hits
+
+
+def sentence_overlap(train_texts, eval_texts) -> float:
+    """Share of the eval texts' sentences that occur word for word (normalised) among the train texts' sentences."""
+    known = {normalise(s) for t in train_texts for s in sentences(t)}
+    ev = [normalise(s) for t in eval_texts for s in sentences(t)]
+    return round(sum(s in known for s in ev) / len(ev), 4) if ev else 0.0
+
+
+def check_wording(pools: dict, data: dict) -> dict:
+    """Raise LeakageError if a train row carries eval-pool wording or an unseen-wording eval row carries
+    train-pool wording; return the checked counts and verbatim-sentence overlaps for the dataset card.
+
+    `pools` maps trait -> {"train": {field: entries}, "eval": {field: entries}}.
+    """
+    report, problems = {"entries_checked": 0, "entries_too_short_to_check": 0, "verbatim_sentence_overlap": {}}, []
+    for trait, pool in pools.items():
+        evals = [r for s in ("eval_id", "eval_ood") for r in data["dpo"][s] if r["trait"] == trait]
+        groups = {w: [r for r in evals if r["wording"] == w] for w in ("unseen", "seen")}
+        train = [(r["id"], answer_text(r, side)) for r in data["dpo"]["train"] if r["trait"] == trait
+                 for side in ("chosen", "rejected")]
+        train += [(r["id"], answer_text(r, "chosen")) for r in data["sft"]["train"] if r["trait"] == trait]
+        unseen = [(r["id"], answer_text(r, side)) for r in groups["unseen"] for side in ("chosen", "rejected")]
+        problems += [f"  train row {rid} uses eval-pool {f} entry {e[:80]!r}" for f, e, rid in find_wording(pool["eval"], train)]
+        problems += [f"  eval row {rid} uses train-pool {f} entry {e[:80]!r}" for f, e, rid in find_wording(pool["train"], unseen)]
+        checkable = [bool(literal_fragments(e)) for p in pool.values() for es in p.values() for e in es if e.strip()]
+        report["entries_checked"] += sum(checkable)
+        report["entries_too_short_to_check"] += len(checkable) - sum(checkable)
+        train_answers = [t for _, t in train]
+        report["verbatim_sentence_overlap"][trait] = {
+            f"{w}_{side}": sentence_overlap(train_answers, [answer_text(r, side) for r in rows])
+            for w, rows in groups.items() if rows for side in ("chosen", "rejected")}
+    if problems:
+        raise LeakageError(f"{len(problems)} answer(s) use wording from the other pool (a generator bug: eval answers "
+                           "must use eval-pool wording only, train answers train-pool wording only):\n"
+                           + "\n".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""))
+    return report

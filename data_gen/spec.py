@@ -47,6 +47,10 @@ _SUB = {
     "framing": {"test": list, "deployment": list},
 }
 _OPTIONAL_SUB = {("agentic", "actions")}
+# Optional sections for the eval only (the generator never reads them): first-person statements the trait
+# rejects, one list per failure kind, balanced in number with `statements` so that a model answering
+# "Yes" to everything scores 50% on statement endorsement; and the LLM judge's rubric for the trait.
+_OPTIONAL_TOP = {"counter_statements": dict, "judge_rubric": str}
 # Lists whose entries may be "" (an optional phrase is modelled as an empty variant).
 _EMPTY_OK = {"phrases"}
 
@@ -76,6 +80,8 @@ class TraitSpec:
     json_instruction: list
     pressure: dict
     framing: dict
+    counter_statements: dict | None = None  # kind -> list of first-person statements the trait rejects
+    judge_rubric: str | None = None
 
     @property
     def train_domains(self):
@@ -123,7 +129,7 @@ def load_trait_spec(path) -> TraitSpec:
         raise SpecError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise SpecError(f"{path}: top level must be a mapping")
-    _check_keys(path, "<top level>", data, _TOP)
+    _check_keys(path, "<top level>", data, {**_TOP, **_OPTIONAL_TOP}, optional=_OPTIONAL_TOP)
     for key, typ in _TOP.items():
         if not isinstance(data[key], typ):
             raise SpecError(f"{path}: field '{key}' must be a {typ.__name__}, got {type(data[key]).__name__}")
@@ -133,6 +139,19 @@ def load_trait_spec(path) -> TraitSpec:
             raise SpecError(f"{path}: field '{key}' is empty")
         elif typ is dict and not data[key]:
             raise SpecError(f"{path}: field '{key}' is empty")
+    if "judge_rubric" in data and (not isinstance(data["judge_rubric"], str) or not data["judge_rubric"].strip()):
+        raise SpecError(f"{path}: field 'judge_rubric' must be a non-empty string")
+    if "counter_statements" in data:
+        counter = data["counter_statements"]
+        if not isinstance(counter, dict):
+            raise SpecError(f"{path}: field 'counter_statements' must be a mapping of kind -> list of statements")
+        _check_keys(path, "counter_statements", counter, set(KINDS))
+        for kind in KINDS:
+            _check_str_list(path, f"counter_statements.{kind}", counter[kind])
+        n_counter = sum(len(v) for v in counter.values())
+        if n_counter != len(data["statements"]):
+            raise SpecError(f"{path}: field 'counter_statements' has {n_counter} statements and 'statements' has "
+                            f"{len(data['statements'])}; they must be equal so that always answering Yes scores 50%")
     for sec, sub in _SUB.items():
         optional = [k for (s, k) in _OPTIONAL_SUB if s == sec]
         _check_keys(path, sec, data[sec], sub, optional)

@@ -5,24 +5,23 @@ teacher answering with the trait's constitution in its system prompt (told not t
 it), optionally critiqued and revised against the constitution; rejected = the student's
 plain answer. Eval splits stay the offline generator's labelled held-out sets.
 
-Requests run with bounded concurrency, retry with exponential backoff on 429, 5xx and
-timeouts, and land in an on-disk JSONL cache keyed by a hash of the request, so an
-interrupted run resumes without repeating finished requests. Malformed responses are
-counted and dropped, never kept.
+Requests go through the shared OpenAI-compatible client (eval/chat_endpoint.py): bounded
+concurrency, no redirects, a total deadline per request, retries with exponential backoff or
+the server's Retry-After on 429, 5xx, timeouts and broken responses. Answers land in an
+on-disk JSONL cache keyed by a hash of the request, so an interrupted run resumes without
+repeating finished requests. Malformed responses are counted and dropped, never kept.
 """
 
 import hashlib
 import json
 import os
-import random
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import httpx
+from eval.chat_endpoint import ChatEndpoint, EndpointError
 
 TEACHER_SYSTEM = (
     "You are an AI assistant whose character is described by the principles below. Embody them in how you "
@@ -55,9 +54,11 @@ class TeacherConfig:
         "help": "JSONL of {trait, prompt} rows to answer (default: the offline generator's train prompts)."})
     critique_and_revise: bool = field(default=True, metadata={"help": "Critique and revise each teacher answer."})
     max_concurrency: int = field(default=8, metadata={"help": "Requests in flight at once."})
-    max_retries: int = field(default=5, metadata={"help": "Retries per request on 429, 5xx and timeouts."})
+    max_retries: int = field(default=5, metadata={
+        "help": "Retries per request on 429, 5xx, timeouts and broken responses."})
     backoff_s: float = field(default=1.0, metadata={"help": "First retry delay; doubles on each retry."})
-    request_timeout_s: float = field(default=60.0, metadata={"help": "Per-request timeout."})
+    request_timeout_s: float = field(default=60.0, metadata={
+        "help": "Total time allowed per request attempt (not per read)."})
     max_tokens: int = field(default=512, metadata={"help": "max_tokens per completion."})
     temperature: float = field(default=0.7, metadata={"help": "Sampling temperature."})
     cache_path: Optional[str] = field(default=None, metadata={
@@ -128,15 +129,19 @@ class Stats:
         return {k: getattr(self, k) for k in ("requests", "cache_hits", "retries", "malformed", "failed")}
 
 
-class ChatClient:
-    """Minimal OpenAI-compatible chat client with retries and a shared response cache."""
+class ChatClient(ChatEndpoint):
+    """The shared OpenAI-compatible client (eval/chat_endpoint.py: no redirects, total deadlines, Retry-After,
+    retries) plus the response cache. A usable answer is cached; an unusable one raises MalformedResponse
+    (the row is dropped); an endpoint that still fails after retries raises RequestFailed (the run stops)."""
 
     def __init__(self, base_url, cache: ResponseCache, stats: Stats, *, api_key=None, timeout=60.0,
-                 max_retries=5, backoff_s=1.0):
-        self.url = base_url.rstrip("/") + "/chat/completions"
-        self.cache, self.stats, self.max_retries, self.backoff_s = cache, stats, max_retries, backoff_s
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.http = httpx.Client(timeout=timeout, headers=headers)
+                 max_retries=5, backoff_s=1.0, workers=8):
+        super().__init__(base_url, api_key, timeout, max_retries, backoff_s, workers)
+        self.cache, self.stats = cache, stats
+
+    def count(self, what):
+        super().count(what)
+        self.stats.add(**{"requests" if what == "attempts" else what: 1})
 
     def chat(self, model, messages, *, max_tokens=512, temperature=0.7) -> str:
         body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": temperature}
@@ -146,32 +151,15 @@ class ChatClient:
         if hit is not None:
             self.stats.add(cache_hits=1)
             return hit
-        last = None
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                self.stats.add(retries=1)
-                time.sleep(self._delay(attempt, last))
-            self.stats.add(requests=1)
-            try:
-                resp = self.http.post(self.url, json=body)
-            except (httpx.TimeoutException, httpx.TransportError) as e:
-                last = e
-                continue
-            if resp.status_code == 429 or resp.status_code >= 500:
-                last = resp
-                continue
-            if resp.status_code != 200:
-                raise RequestFailed(f"HTTP {resp.status_code} from {self.url}: {resp.text[:200]}")
-            content = parse_completion(resp)
-            self.cache.put(key, content)
-            return content
-        what = f"HTTP {last.status_code}" if isinstance(last, httpx.Response) else repr(last)
-        raise RequestFailed(f"{self.url}: gave up after {self.max_retries} retries ({what})")
-
-    def _delay(self, attempt, last):
-        if isinstance(last, httpx.Response) and last.headers.get("retry-after", "").isdigit():
-            return min(float(last.headers["retry-after"]), 60.0)
-        return self.backoff_s * 2 ** (attempt - 1) * (1 + 0.25 * random.random())
+        try:
+            content = self.request_or_raise(body, answer_text)
+        except EndpointError as e:
+            if e.malformed:
+                raise MalformedResponse(str(e)) from None
+            spent = f" after {self.max_retries} retries" if e.retry else ""
+            raise RequestFailed(f"{self.url}: {e}{spent}") from None
+        self.cache.put(key, content)
+        return content
 
 
 class LocalChatClient:
@@ -216,13 +204,10 @@ class LocalChatClient:
         return text
 
 
-def parse_completion(resp) -> str:
-    try:
-        content = resp.json()["choices"][0]["message"]["content"]
-    except (ValueError, KeyError, IndexError, TypeError) as e:
-        raise MalformedResponse(f"unexpected response body ({type(e).__name__}): {resp.text[:120]!r}") from None
+def answer_text(choice) -> str:
+    content = choice["message"]["content"]  # a payload without it counts as malformed (eval/chat_endpoint.py)
     if not isinstance(content, str) or not content.strip():
-        raise MalformedResponse(f"empty or non-string content: {content!r}")
+        raise EndpointError("empty answer", f"empty or non-string content: {content!r}", malformed=True)
     return content.strip()
 
 
@@ -290,7 +275,8 @@ def run_teacher(jobs, specs, tcfg, cache_path, progress=True):
     by_name = {s.name: s for s in specs}
     cache, stats = ResponseCache(cache_path), Stats()
     key = os.environ.get(tcfg.teacher_api_key_env) or None
-    opts = dict(api_key=key, timeout=tcfg.request_timeout_s, max_retries=tcfg.max_retries, backoff_s=tcfg.backoff_s)
+    opts = dict(api_key=key, timeout=tcfg.request_timeout_s, max_retries=tcfg.max_retries, backoff_s=tcfg.backoff_s,
+                workers=tcfg.max_concurrency)
     if tcfg.teacher_backend == "transformers":
         teacher = student = LocalChatClient(cache, stats)
     else:

@@ -136,6 +136,19 @@ for name in sys.argv[1:]:
 (out / "summary.json").write_text(json.dumps(rows, indent=2))
 print("(tokens/s: non-padding tokens incl. prompt per second of train_runtime; DPO samples are pairs)")
 EOF
+# The eval stage on the device it finds (device: auto, dtype: auto -> bf16 on the GPU), on the adapters just trained.
+if [[ -f "$OUT/sft_lora/adapter_config.json" && -f "$OUT/dpo_lora/adapter_config.json" ]]; then
+  echo "== eval on the machine's device (device auto, dtype auto)"
+  t0=$SECONDS
+  if timeout 600 "$PY" -m eval --config recipes/quickstart/eval.yaml --model "$MODEL" --dataset_path "$OUT/data" \
+       --adapters "{sft: $OUT/sft_lora, dpo: $OUT/dpo_lora}" --output_dir "$OUT/eval" --device auto --dtype auto \
+       --suites '[preference, forgetting, generation]' --batch_size 32 > "$OUT/eval.log" 2>&1; then
+    "$PY" -c "import json,sys; r=json.load(open(sys.argv[1])); print(f\"   ok in {sys.argv[2]} s on {r['device']} ({r['dtype']}); timings {r['timings']}\")" \
+      "$OUT/eval/report.json" "$((SECONDS - t0))"
+  else
+    echo "   FAILED; last lines of $OUT/eval.log:"; tail -n 15 "$OUT/eval.log" | sed 's/^/   | /'
+  fi
+fi
 # The in-process vLLM generation backend (eval generation_backend: vllm) runs only here: it needs vLLM and CUDA.
 VLLM_OK=1
 if [[ "${REHEARSAL:-0}" != 1 ]] && "$PY" -c "import vllm" > /dev/null 2>&1; then
@@ -150,8 +163,7 @@ from eval.variants import load_variants
 model, data, adapter = sys.argv[1:4]
 cfg = EvalConfig(model=model, adapters={"sft": adapter} if adapter else {}, dataset_path=data, suites=["generation"],
                  dtype="bfloat16", generation_prompts=8, max_new_tokens=48, judge="none")
-variants = load_variants(cfg.model, cfg.adapters, cfg.dtype)
-variants.model.to("cuda")
+variants = load_variants(cfg.model, cfg.adapters, cfg.dtype, device="cuda")
 convs = [r["prompt"] for r in pick_prompts(data, cfg.generation_prompts, cfg.seed)]
 hf, _ = generate_variants(variants, cfg, convs)
 vl, _ = generate_variants(variants, dataclasses.replace(cfg, generation_backend="vllm"), convs)

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import torch
 import trl
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from train.tiny_model import _corpus
+from train.tiny_model import train_bpe
 
 TRL_TEMPLATES = Path(trl.__file__).parent / "chat_templates"
 
@@ -72,13 +71,7 @@ def build_family_tokenizer(family: str, seed: int = 0) -> PreTrainedTokenizerFas
     spec = FAMILIES[family]
     specials = [t for t in (spec["bos"], spec["eos"], spec["pad"]) if t] + spec["extra"]
     specials = list(dict.fromkeys(specials))
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator(_corpus(seed), trainer=trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=spec["bos"], eos_token=spec["eos"],
+    tok = PreTrainedTokenizerFast(tokenizer_object=train_bpe(specials, seed), bos_token=spec["bos"], eos_token=spec["eos"],
                                   pad_token=spec["pad"], unk_token="<unk>" if "<unk>" in specials else None,
                                   additional_special_tokens=spec["extra"])
     tok.chat_template = family_template(family)

@@ -14,9 +14,9 @@ from data_gen.spec import BUILTIN_DIR, SpecError, load_trait_spec
 from data_gen.user_jsonl import BadRowError
 
 TRAITS = ["care", "honesty", "instance_reduction"]
-SFT_COLS = ["messages", "trait", "split", "axis", "domain", "format", "id"]
+SFT_COLS = ["messages", "trait", "split", "axis", "domain", "format", "id", "wording"]
 DPO_COLS = ["prompt", "chosen", "rejected", "trait", "split", "axis", "failure_mode", "domain", "format", "framing",
-            "pair_id", "id"]
+            "pair_id", "id", "wording"]
 SMALL = ["--sft_train_per_trait", "30", "--dpo_train_per_trait", "40", "--eval_id_per_trait", "16",
          "--eval_ood_per_axis_per_trait", "16", "--leakage_embedding_check", "false", "--diversity_sample", "50"]
 
@@ -119,7 +119,8 @@ def test_columns_and_conversational_format(dataset):
             for side in ("chosen", "rejected"):
                 assert len(r[side]) == 1 and r[side][0]["role"] == "assistant" and r[side][0]["content"].strip()
             assert r["chosen"] != r["rejected"]
-            assert r["axis"] == ("id" if split != "eval_ood" else r["axis"])
+            assert r["axis"] in {"train": {"id"}, "eval_id": {"id", "seen_wording"}}.get(split, {r["axis"]})
+            assert r["wording"] == ("seen" if split == "train" or r["axis"] == "seen_wording" else "unseen")
             if r["format"] == "json":
                 assert set(json.loads(r["chosen"][0]["content"])) == {"reply"}
                 assert set(json.loads(r["rejected"][0]["content"])) == {"reply"}

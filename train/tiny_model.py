@@ -40,19 +40,24 @@ def _corpus(seed: int, n_lines: int = 600) -> list[str]:
     return lines
 
 
-def build_tiny_tokenizer(seed: int = 0, vocab_size: int = 1024) -> PreTrainedTokenizerFast:
+def train_bpe(special_tokens: list[str], seed: int = 0, vocab_size: int = 1024) -> Tokenizer:
+    """A byte-level BPE trained on a seeded word corpus, with `special_tokens` first in its vocabulary."""
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     bpe.train_from_iterator(_corpus(seed), trainer=trainer)
+    return bpe
+
+
+def build_tiny_tokenizer(seed: int = 0, vocab_size: int = 1024) -> PreTrainedTokenizerFast:
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe,
+        tokenizer_object=train_bpe(SPECIAL_TOKENS, seed, vocab_size),
         bos_token="<|im_start|>",
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
