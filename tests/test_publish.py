@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from train_fixtures import write_dataset
 
 from train import publish, sft
+from train.recipe import parse_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 REPORT = {
@@ -39,7 +40,7 @@ def adapter(tiny_model_dir, tmp_path_factory):
     out = root / "sft"
     args = ["--config", str(REPO / "recipes/smoke/sft.yaml"), "--model_name_or_path", tiny_model_dir,
             "--dataset_path", str(data), "--output_dir", str(out), "--max_steps", "2", "--save_steps", "100"]
-    sft.main(*sft.make_parser().parse_args_and_config(args))
+    sft.main(*parse_recipe(sft.make_parser(), args))  # as `python -m train.sft` parses (aliases included)
     return out
 
 
@@ -66,7 +67,57 @@ def test_dry_run_builds_a_checked_hub_folder(adapter, report, tmp_path):
     weights, original = load_file(out / "adapter_model.safetensors"), load_file(adapter / "adapter_model.safetensors")
     assert weights.keys() == original.keys() and all(torch.equal(weights[k], original[k]) for k in weights)
     assert (out / "chat_template.jinja").read_text() == (adapter / "chat_template.jinja").read_text()
-    assert not (out.parent / "hub.building").exists()
+    assert sorted(p.name for p in out.parent.iterdir()) == ["hub", "report.json"]  # no staging folder left behind
+
+
+def _run_folder(adapter, root):
+    """A finished run as the quickstart leaves it: data, the adapter, an eval report."""
+    run = root / "runs" / "quickstart"
+    shutil.copytree(adapter, run / "sft")
+    (run / "data").mkdir()
+    (run / "data" / "rows.arrow").write_bytes(b"rows")
+    (run / "eval").mkdir()
+    (run / "eval" / "report.json").write_text(json.dumps(REPORT))
+    return run
+
+
+def _files(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_output_dir_holding_other_files_is_refused_and_nothing_deleted(adapter, tmp_path):
+    run = _run_folder(adapter, tmp_path)
+    before = _files(tmp_path)
+    (tmp_path / "a_file").write_text("mine")
+    for out in (run, run / "sft" / "..", run.parent, run / "data", tmp_path / "a_file"):
+        with pytest.raises(publish.PublishError, match="--output_dir"):
+            publish.main(["--adapter", str(run / "sft"), "--repo_id", "me/x", "--base_model_id", "org/b",
+                          "--report", str(run / "eval" / "report.json"), "--output_dir", str(out), "--dry-run"])
+    assert _files(tmp_path) == {**before, "a_file": b"mine"}
+
+
+def test_bad_repo_id_is_refused_before_any_file_work(adapter, tmp_path):
+    run = _run_folder(adapter, tmp_path)
+    before = _files(tmp_path)
+    for repo_id in ("me/..", "..", "me/.", "a/b/c", "me/x y"):
+        with pytest.raises(publish.PublishError, match="--repo_id"):
+            publish.main(["--adapter", str(run / "sft"), "--repo_id", repo_id, "--base_model_id", "org/b", "--dry-run"])
+    assert _files(tmp_path) == before and not (run / "hub").exists()
+
+
+def test_republish_replaces_only_a_folder_it_built(adapter, tmp_path):
+    out = tmp_path / "hub"
+    out.mkdir()  # an empty folder is fine to build into
+    args = ["--adapter", str(adapter), "--repo_id", "me/x", "--base_model_id", "org/b", "--output_dir", str(out),
+            "--dry-run"]
+    publish.main(args)
+    publish.main(args + ["--license", "mit"])
+    assert yaml.safe_load((out / "README.md").read_text().split("---")[1])["license"] == "mit"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hub"]
+    (out / publish.MARKER).unlink()  # no longer recognisably ours: refused
+    with pytest.raises(publish.PublishError, match="not built by train.publish"):
+        publish.main(args)
+    assert (out / "README.md").is_file()
 
 
 def test_bad_report_names_the_field(adapter, tmp_path):

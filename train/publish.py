@@ -9,6 +9,8 @@ library_name: peft, tags, datasets, license) and the eval results in the Hub's m
 `--dry-run` builds and checks it without network access. A push uploads the folder with retries;
 the token comes from HF_TOKEN or `huggingface-cli login` and is never written anywhere. The local
 folder is complete before any upload starts, so a failed push loses nothing: re-run to retry.
+Publish deletes nothing it did not create: it builds in a new staging folder and replaces `--output_dir`
+only when that is empty or an earlier publish build (marked by a file that is not uploaded).
 `--merge` writes the adapter merged into a full-precision base instead (refused for 4-bit bases).
 """
 
@@ -17,6 +19,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,6 +31,7 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 COPIED = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
           "recipe.yaml", "training_manifest.json")
 TRAITS_DIR = Path(__file__).resolve().parents[1] / "data_gen" / "traits"
+MARKER = ".built-by-train-publish"  # in every folder publish builds (not uploaded); only such a folder is replaced
 
 
 class PublishError(ValueError):
@@ -221,7 +225,30 @@ def _merge(adapter: Path, base_path: str, folder: Path, dtype: str, recipe: dict
     model.merge_and_unload().save_pretrained(str(folder))
 
 
+def check_repo_id(repo_id: str) -> None:
+    """The Hub's own rule; a name like `..` would otherwise also become a path."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise PublishError(f"--repo_id {repo_id!r} is not a valid Hub repository id: {err}") from None
+
+
+def check_output_dir(folder: Path, inputs: list[Path]) -> None:
+    """Publish never deletes what it did not create: it only replaces an empty folder or one it built."""
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        raise PublishError(f"--output_dir {folder} exists and is not a folder; choose a new folder")
+    for path in inputs:
+        if folder.resolve() in (path.resolve(), *path.resolve().parents):
+            raise PublishError(f"--output_dir {folder} holds the input {path}; choose a new folder")
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / MARKER).is_file():
+        raise PublishError(f"--output_dir {folder} is not empty and was not built by train.publish (no {MARKER}); "
+                           "publish only replaces its own folders: choose a new or empty folder")
+
+
 def build(args) -> Path:
+    check_repo_id(args.repo_id)
     adapter = Path(args.adapter)
     manifest = _read_json(adapter / "training_manifest.json", "training manifest (is this a train.sft/dpo output?)")
     for f in ADAPTER_FILES:
@@ -231,28 +258,37 @@ def build(args) -> Path:
     results = model_index_results(args.report, manifest.get("stage", ""))
     recipe_text = (adapter / "recipe.yaml").read_text() if (adapter / "recipe.yaml").is_file() else ""
     folder = Path(args.output_dir or adapter.parent / "hub" / args.repo_id.split("/")[-1])
-    if folder.resolve() == adapter.resolve():
-        raise PublishError("--output_dir must differ from the adapter folder")
-    tmp = folder.with_name(folder.name + ".building")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for f in COPIED:
-        if (adapter / f).is_file():
-            shutil.copy2(adapter / f, tmp / f)
-    if args.merge:
-        _merge(adapter, manifest.get("base_model_path") or manifest["base_model"], tmp, args.merge_dtype,
-               yaml.safe_load(recipe_text) or {})
-    else:
-        shutil.copy2(adapter / "adapter_model.safetensors", tmp / "adapter_model.safetensors")
-        config = _read_json(adapter / "adapter_config.json", "adapter config")
-        config["base_model_name_or_path"] = base  # the training machine's local path means nothing on the Hub
-        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    card = render_card(args.repo_id, base, manifest, recipe_text, results, trait_specs(_traits_of(manifest)),
-                       args.license, args.dataset_id, args.merge)
-    (tmp / "README.md").write_text(card)
-    check_folder(tmp, args.merge)
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)  # the folder appears only once complete and checked
+    inputs = [adapter] + ([Path(args.report)] if args.report else [])
+    check_output_dir(folder, inputs)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.building-", dir=folder.parent))
+    try:
+        for f in COPIED:
+            if (adapter / f).is_file():
+                shutil.copy2(adapter / f, staging / f)
+        if args.merge:
+            _merge(adapter, manifest.get("base_model_path") or manifest["base_model"], staging, args.merge_dtype,
+                   yaml.safe_load(recipe_text) or {})
+        else:
+            shutil.copy2(adapter / "adapter_model.safetensors", staging / "adapter_model.safetensors")
+            config = _read_json(adapter / "adapter_config.json", "adapter config")
+            config["base_model_name_or_path"] = base  # the training machine's local path means nothing on the Hub
+            (staging / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        card = render_card(args.repo_id, base, manifest, recipe_text, results, trait_specs(_traits_of(manifest)),
+                           args.license, args.dataset_id, args.merge)
+        (staging / "README.md").write_text(card)
+        check_folder(staging, args.merge)
+        (staging / MARKER).write_text(json.dumps({"repo_id": args.repo_id}) + "\n")
+        check_output_dir(folder, inputs)  # again: something may have appeared there while building
+        previous = None
+        if folder.is_dir():
+            previous = folder.rename(staging.with_name(staging.name + "-previous"))
+        staging.rename(folder)  # the folder appears only once complete and checked
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if previous is not None:
+        shutil.rmtree(previous)  # our own earlier build (checked for the marker), or an empty folder
     return folder
 
 
@@ -267,7 +303,8 @@ def push(folder: Path, repo_id: str, private: bool, retries: int) -> str:
     for attempt in range(1, retries + 1):
         try:
             api.create_repo(repo_id, private=private, exist_ok=True)
-            info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message="Upload from persona-pipeline")
+            info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, ignore_patterns=[MARKER],
+                                     commit_message="Upload from persona-pipeline")
             return str(getattr(info, "commit_url", info))
         except (HfHubHTTPError, OSError) as err:
             last = err

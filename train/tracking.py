@@ -7,6 +7,7 @@ run per stage. Offline runs land in `<run dir>/wandb/` and can be uploaded later
 import dataclasses
 import netrc
 import os
+import sys
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -26,7 +27,15 @@ def experiment_name(output_dir: str, experiment: str | None) -> str:
 
 
 def setup_wandb(training_args, script_args, stage: str) -> None:
-    """Set the W&B environment for this stage (no-op unless wandb is in report_to)."""
+    """Set the W&B environment for this stage (no-op unless wandb is in report_to).
+
+    Runs before the Trainer exists in both stages, so it is also where credentials are taken out of what
+    the Trainer pickles (training_args.bin) and of the command line W&B records.
+    """
+    from train.recipe import strip_secret_argv, strip_secrets
+
+    strip_secrets(training_args)
+    strip_secret_argv(sys.argv)
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     if "wandb" not in (training_args.report_to or []):
         return
@@ -55,15 +64,16 @@ class RecipeToWandb(TrainerCallback):
             return
         import wandb
 
+        from train.recipe import is_secret
+
         if wandb.run is not None:
             for cfg in self.configs:
-                wandb.config.update({type(cfg).__name__: dataclasses.asdict(cfg)}, allow_val_change=True)
+                values = {k: v for k, v in dataclasses.asdict(cfg).items() if not is_secret(k)}
+                wandb.config.update({type(cfg).__name__: values}, allow_val_change=True)
 
 
 def finish_wandb(summary: dict) -> None:
     """Record the stage's outcome in the run summary and close the run (flushes offline files)."""
-    import sys
-
     if "wandb" not in sys.modules:
         return
     import wandb
