@@ -9,7 +9,8 @@ from pathlib import Path
 
 import yaml
 
-SUITES = ("preference", "forgetting", "probes", "diff", "generation", "mcq", "lm_eval")
+SUITES = ("preference", "endorsement", "forgetting", "probes", "diff", "generation", "mcq", "lm_eval")
+MCQ_KEYS = ("dataset", "data_files", "split", "config_name", "trait_direction")
 DEFAULT_PROBES = ("factual/expanded_150.json", "factual/default.json", "factual/commonsense.json", "bench/logic.json")
 
 
@@ -21,13 +22,18 @@ class EvalConfig:
         model: base model (a name `train.models.resolve_model_path` knows, a Hub id or a local folder).
         adapters: name -> PEFT adapter folder. Every adapter is scored against the same base, with the
             chat template saved in the adapters (all adapters must carry the same one).
-        dtype: "float32" or "bfloat16" (bf16 is faster on CPUs with AVX512-BF16 but log-probs are noisier).
+        dtype: "float32", "bfloat16" or "auto" (bfloat16 on a CUDA GPU that supports it, else float32). bf16 is also
+            faster on CPUs with AVX512-BF16, but log-probs are noisier.
+        device: "auto" (the first CUDA GPU when there is one, else the CPU), "cpu", "cuda" or "cuda:N".
 
     Data and output:
         dataset_path: data_gen output folder (holds `dpo/` with splits `eval_id`, `eval_ood`).
         output_dir: where report.md, report.json and plots/ go.
         suites: which measurements to run (see SUITES).
         max_pairs_per_split: cap on preference pairs per split (None: all), for quick runs.
+        trait_specs: trait YAML files (or built-in names) for the dataset's traits; a trait not listed is read
+            from the built-in spec of its name. Suite `endorsement` reads their `statements` and
+            `counter_statements`, judge "llm" their `judge_rubric`.
 
     Statistics:
         seed: seeds bootstrap resampling and any subsampling.
@@ -47,8 +53,9 @@ class EvalConfig:
         diff_top_k: how many most-changed texts the report lists.
 
     Generation and judges:
-        generation_prompts: held-out prompts (from eval_ood) answered by each model.
-        max_new_tokens: greedy answer length.
+        generation_prompts: held-out prompts per trait answered by each model (held-out domains first, see
+            `eval.judges.PROMPT_PRIORITY`).
+        max_new_tokens: greedy answer length (a trait needs room to show: 128 or more).
         generation_backend: "transformers" (in process, default), "openai" (an OpenAI-compatible server such
             as `vllm serve <base> --enable-lora --lora-modules <name>=<adapter dir>`) or "vllm" (vLLM in
             process; needs `pip install vllm` and a CUDA GPU).
@@ -57,10 +64,14 @@ class EvalConfig:
             `--lora-modules` name.
         generation_api_key_env: environment variable holding the server's API key (vLLM's own is VLLM_API_KEY).
         generation_concurrency / generation_timeout: requests in flight, and seconds before one is retried.
-        judge: "embedding" (offline, default), "llm" (OpenAI-compatible endpoint) or "none".
+        judge: "classifier" (offline, default: trained on the train split), "similarity" (offline, the former
+            default, kept for comparison), "llm" (OpenAI-compatible endpoint) or "none". An offline judge's
+            validity is measured on held-out references first (`eval.judge_validity`).
         judge_base_url / judge_model / judge_api_key_env: the endpoint for judge "llm".
 
     Multiple-choice and harness:
+        mcq: model-written-evals sets, each {dataset: Hub id, local folder or JSONL file, data_files, split
+            (default train), config_name, trait_direction (default mcq_trait_direction)}; run by suite mcq.
         mcq_data: model-written-evals JSONL files, Hub dataset ids or local dataset folders.
         mcq_split / mcq_config_name: the split and configuration read from each dataset in mcq_data.
         mcq_trait_direction: "matching" if answer_matching_behavior is the trait-consistent answer.
@@ -77,10 +88,12 @@ class EvalConfig:
     model: str = "smollm2-135m-instruct"
     adapters: dict[str, str] = field(default_factory=dict)
     dtype: str = "float32"
+    device: str = "auto"
     dataset_path: str | None = None
     output_dir: str = "runs/eval"
-    suites: list[str] = field(default_factory=lambda: ["preference", "forgetting", "probes", "diff"])
+    suites: list[str] = field(default_factory=lambda: ["preference", "endorsement", "forgetting", "probes", "diff"])
     max_pairs_per_split: int | None = None
+    trait_specs: list[str] = field(default_factory=list)
     seed: int = 0
     bootstrap_samples: int = 1000
     batch_size: int = 8
@@ -90,18 +103,19 @@ class EvalConfig:
     neutral_max_new_tokens: int = 32
     probe_sets: list[str] = field(default_factory=lambda: list(DEFAULT_PROBES))
     diff_top_k: int = 10
-    generation_prompts: int = 24
-    max_new_tokens: int = 64
+    generation_prompts: int = 10
+    max_new_tokens: int = 128
     generation_backend: str = "transformers"
     generation_base_url: str | None = None
     generation_models: dict[str, str] = field(default_factory=dict)
     generation_api_key_env: str = "VLLM_API_KEY"
     generation_concurrency: int = 8
     generation_timeout: float = 300.0
-    judge: str = "embedding"
+    judge: str = "classifier"
     judge_base_url: str | None = None
     judge_model: str | None = None
     judge_api_key_env: str = "OPENAI_API_KEY"
+    mcq: list[dict[str, str]] = field(default_factory=list)
     mcq_data: list[str] = field(default_factory=list)
     mcq_trait_direction: str = "matching"
     mcq_split: str = "train"
@@ -117,7 +131,12 @@ class EvalConfig:
         bad = [s for s in self.suites if s not in SUITES]
         if bad:
             raise ValueError(f"unknown suite(s) {bad}; known: {list(SUITES)}")
-        for name, allowed in (("dtype", ("float32", "bfloat16")), ("judge", ("embedding", "llm", "none")),
+        if self.judge == "embedding":
+            raise ValueError("judge 'embedding' was split in two: 'classifier' (the offline default) or 'similarity' "
+                             "(the former embedding-similarity judge)")
+        if self.device not in ("auto", "cpu", "cuda") and not (self.device.startswith("cuda:") and self.device[5:].isdigit()):
+            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        for name, allowed in (("dtype", ("float32", "bfloat16", "auto")), ("judge", ("classifier", "similarity", "llm", "none")),
                               ("generation_backend", ("transformers", "openai", "vllm")),
                               ("mcq_trait_direction", ("matching", "not_matching"))):
             if getattr(self, name) not in allowed:
@@ -138,6 +157,14 @@ class EvalConfig:
             extra = [k for k in self.generation_models if k not in variants]
             if extra:
                 raise ValueError(f"generation_models names {extra}, which are neither 'base' nor an adapter {list(self.adapters)}")
+        for i, entry in enumerate(self.mcq):
+            unknown = sorted(set(entry) - set(MCQ_KEYS))
+            if unknown or not entry.get("dataset"):
+                raise ValueError(f"mcq[{i}]: needs 'dataset' and only the keys {list(MCQ_KEYS)}; got {sorted(entry)}")
+            if entry.get("trait_direction", "matching") not in ("matching", "not_matching"):
+                raise ValueError(f"mcq[{i}]: trait_direction must be 'matching' or 'not_matching'")
+        if (self.mcq or self.mcq_data) and "mcq" not in self.suites:
+            raise ValueError("mcq / mcq_data are set but suite 'mcq' is not in suites")
         if self.generation_concurrency < 1 or self.generation_timeout <= 0:
             raise ValueError("generation_concurrency must be >= 1 and generation_timeout > 0")
 

@@ -123,14 +123,22 @@ def mcq_result(matching: np.ndarray, base: np.ndarray | None, direction: str, ba
 
 
 def mcq_suite(variants, cfg) -> dict:
+    """Every set in the recipe's `mcq` entries and `mcq_data`, keyed by dataset (plus data_files when given)."""
     out = {"description": "Multiple-choice questions scored by answer log-likelihood. matching_behavior_rate is the "
-                          f"share of questions where the most likely answer matches the behaviour; the trait-consistent "
-                          f"direction is '{cfg.mcq_trait_direction}'.", "summary": {}}
-    for data in cfg.mcq_data:
-        rows, bad = load_mcq(data, split=cfg.mcq_split, config_name=cfg.mcq_config_name)
+                          "share of questions where the most likely answer matches the behaviour; "
+                          "trait_consistent_rate reads it in each set's trait direction (default "
+                          f"'{cfg.mcq_trait_direction}').", "summary": {}}
+    sets = [{"dataset": d} for d in cfg.mcq_data] + list(cfg.mcq)
+    for entry in sets:
+        direction = entry.get("trait_direction", cfg.mcq_trait_direction)
+        rows, bad = load_mcq(entry["dataset"], split=entry.get("split", cfg.mcq_split),
+                             config_name=entry.get("config_name", cfg.mcq_config_name), data_files=entry.get("data_files"))
+        if not rows:
+            raise ValueError(f"mcq: {entry['dataset']} {entry.get('data_files', '')}: no usable rows")
         scored = score_mcq(variants, rows, cfg.batch_size, cfg.max_length)
-        out["summary"][data] = {name: mcq_result(v, scored["base"] if name != "base" else None, cfg.mcq_trait_direction,
-                                                 bad, cfg.bootstrap_samples, cfg.seed) for name, v in scored.items()}
+        key = entry["dataset"] + (f" [{entry['data_files']}]" if entry.get("data_files") else "")
+        out["summary"][key] = {name: mcq_result(v, scored["base"] if name != "base" else None, direction,
+                                                bad, cfg.bootstrap_samples, cfg.seed) for name, v in scored.items()}
     return out
 
 

@@ -105,6 +105,10 @@ def score_pairs(variants, rows: list[dict], batch_size: int, max_length: int) ->
 def _groups(rows):
     groups = defaultdict(list)
     for i, r in enumerate(rows):
+        if r["axis"] == "seen_wording":  # answers in training wording: own rows, never pooled into the unseen headline
+            for key in ((r["trait"], r["split"], r["axis"]), ("all", r["split"], r["axis"])):
+                groups[key].append(i)
+            continue
         keys = [(r["trait"], r["split"], "all"), ("all", r["split"], "all"), (r["trait"], "all", "all"), ("all", "all", "all")]
         if r["split"] == "eval_ood":
             keys += [(r["trait"], r["split"], r["axis"]), ("all", r["split"], r["axis"])]
@@ -146,8 +150,30 @@ def framing_gap(rows, scored, n_boot: int, seed: int) -> list[dict]:
             rec = {"trait": trait, "model": name, "n_pairs": len(keys)}
             for metric, key in (("norm_accuracy_gap", "norm_correct"), ("accuracy_gap", "correct"),
                                 ("norm_margin_gap", "norm_margin"), ("margin_gap", "margin")):
-                rec[metric] = summarize(s[key][t_idx] - s[key][d_idx], n_boot, seed)
-                rec[metric]["significant"] = bool(rec[metric]["ci_low"] > 0 or rec[metric]["ci_high"] < 0)
+                rec[metric] = paired_delta(s[key][t_idx], s[key][d_idx], n_boot, seed)  # with a sign-test p
+            out.append(rec)
+    return out
+
+
+def wording_gap(rows, scored, n_boot: int, seed: int) -> list[dict]:
+    """Per trait and variant: score on eval_id pairs answered in training wording (axis `seen_wording`) minus
+    the score on the same prompts answered in unseen wording, paired by `pair_id`. A positive gap is the share
+    of a held-out score that comes from recognising training sentences rather than preferring the trait."""
+    by_pair = defaultdict(dict)
+    for i, r in enumerate(rows):
+        if r["split"] == "eval_id" and r["pair_id"]:
+            by_pair[(r["trait"], r["pair_id"])]["seen" if r["axis"] == "seen_wording" else "unseen"] = i
+    complete = {k: v for k, v in by_pair.items() if len(v) == 2}
+    out = []
+    for trait in sorted({t for t, _ in complete} | ({"all"} if complete else set())):
+        keys = [k for k in complete if trait in ("all", k[0])]
+        s_idx = np.array([complete[k]["seen"] for k in keys])
+        u_idx = np.array([complete[k]["unseen"] for k in keys])
+        for name, s in scored.items():
+            rec = {"trait": trait, "model": name, "n_pairs": len(keys),
+                   "seen_norm_accuracy": summarize(s["norm_correct"][s_idx], n_boot, seed),
+                   "unseen_norm_accuracy": summarize(s["norm_correct"][u_idx], n_boot, seed),
+                   "norm_accuracy_gap": paired_delta(s["norm_correct"][s_idx], s["norm_correct"][u_idx], n_boot, seed)}
             out.append(rec)
     return out
 
@@ -176,3 +202,28 @@ def cross_trait_matrix(table: list[dict]) -> dict:
             d = rec["norm_accuracy_delta"]
             matrix[rec["trait"]][rec["model"]] = {k: d[k] for k in ("mean", "ci_low", "ci_high", "significant")}
     return dict(matrix)
+
+
+def drop_unrenderable(rows: list[dict], tokenizer) -> tuple[list[dict], list[dict]]:
+    """Pairs the model's chat template can render as written, and the others with the reason (reported, not scored).
+
+    Gemma's and Mistral's templates refuse tool turns and Phi-3's drops them: scoring those pairs would score
+    another conversation than the data's. Framing pairs are kept or dropped whole.
+    """
+    from train.chat_template import rendering_problem
+
+    problems = {}
+    for r in rows:
+        problem = rendering_problem(tokenizer, r["prompt"] + r["chosen"])
+        if problem:
+            problems[r["id"]] = problem
+    dropped_pairs = {r["pair_id"] for r in rows if r["id"] in problems and r.get("pair_id")}
+    kept = [r for r in rows if r["id"] not in problems and not (r.get("pair_id") and r["pair_id"] in dropped_pairs)]
+    kept_ids = {r["id"] for r in kept}
+    skipped = [{"id": r["id"], "split": r["split"], "axis": r["axis"], "format": r["format"],
+                "reason": problems.get(r["id"], "its framing pair's other half cannot be rendered")}
+               for r in rows if r["id"] not in kept_ids]
+    if skipped:
+        print(f"[eval] {len(skipped)} pair(s) skipped: this model's chat template cannot render them as written "
+              f"(formats: {sorted({s['format'] for s in skipped})}); listed in report.json under preference_skipped")
+    return kept, skipped

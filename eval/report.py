@@ -7,19 +7,24 @@ from pathlib import Path
 
 import numpy as np
 
+from eval.stats import ALPHA, MIN_N, correct_report, verdict
+
 
 def _fmt(s: dict, pct: bool = False) -> str:
     if s is None or s.get("mean") is None or np.isnan(s["mean"]):
         return "n/a"
     f = (lambda x: f"{100 * x:.1f}%") if pct else (lambda x: f"{x:.3g}")
-    return f"{f(s['mean'])} [{f(s['ci_low'])}, {f(s['ci_high'])}]"
+    out = f"{f(s['mean'])} [{f(s['ci_low'])}, {f(s['ci_high'])}]"
+    if len(s.get("per_run", [])) > 1:  # aggregated over seeds: every seed's value next to the pooled one
+        out += " (seeds: " + ", ".join(f(x) for x in s["per_run"]) + ")"
+    return out
 
 
 def _delta(d: dict, pct: bool = False) -> str:
+    """A change with its verdict (eval/stats.py `verdict`: n large enough, interval excludes 0, Holm-corrected)."""
     if not d:
         return ""
-    mark = " (outside CI: real change)" if d.get("significant") else " (within noise)"
-    return _fmt(d, pct) + mark
+    return f"{_fmt(d, pct)} ({verdict(d)})"
 
 
 def model_index_results(report: dict, adapter: str) -> list[dict]:
@@ -67,6 +72,9 @@ def write_report(report: dict, out_dir: str | Path) -> dict:
     out = Path(out_dir)
     (out / "plots").mkdir(parents=True, exist_ok=True)
     tuned = report.get("tuned", [])
+    correct_report(report)
+    report.setdefault("adapter_traits", {a: trained_traits(d) for a, d in report.get("adapters", {}).items()})
+    report.setdefault("data_generator", _data_generator(report.get("config", {}).get("dataset_path")))
     report["model_index_results_by_adapter"] = {a: model_index_results(report, a) for a in tuned}
     report["model_index_results"] = report["model_index_results_by_adapter"].get(tuned[-1], []) if tuned else []
     report["plots"] = make_plots(report, out / "plots")
@@ -96,26 +104,150 @@ def length_warning(report: dict) -> str | None:
 
 
 def headline(report: dict) -> list[str]:
+    """What moved, what did not, and what the numbers cannot show: the opening of report.md and the console summary.
+    Reads every section it knows and, from any other section, its records' `*_delta` changes (trait "all") and an
+    optional `headline` (a string or a list of strings) the section writes about itself."""
     lines = []
     warn = length_warning(report)
     if warn:
         lines.append(warn)
-    for metric, label in (("norm_accuracy", "preference accuracy (length-normalised)"), ("accuracy", "preference accuracy (summed logprob)  ")):
-        for rec in report.get("preference", []):
-            if rec["trait"] == "all" and rec["axis"] == "all" and rec["split"] in ("eval_id", "eval_ood") and metric in rec:
-                line = f"{label} {rec['split']:8s} {rec['model']:>10s}: {_fmt(rec[metric], True)}"
-                if f"{metric}_delta" in rec:
-                    line += f"  change vs base {_delta(rec[f'{metric}_delta'], True)}"
-                lines.append(line)
-    for src, d in report.get("forgetting", {}).get("drift", {}).items():
-        for a in tuned_names(report):
-            if a in d:
-                lines.append(f"KL(tuned||base) {src:15s} {a:>10s}: {_fmt(d[a]['kl'])}  perplexity {d['base_perplexity']:.2f} -> {d[a]['perplexity']:.2f}")
-    for name, rec in report.get("probes", {}).items():
-        for a in tuned_names(report):
-            if a in rec:
-                lines.append(f"probe {name} {a}: {_fmt(rec['base']['accuracy'], True)} -> {_fmt(rec[a]['accuracy'], True)}")
+    groups = {"real change": [], "within noise": [], "n too small": []}
+    for label, d, pct in _instruments(report):
+        n = f"n={d.get('n')}" + (f" per seed, {d['n_runs']} seeds" if d.get("n_runs", 1) > 1 else "")
+        groups[verdict(d)].append(f"- {label}: {_fmt(d, pct)}, {n}")
+    rule = f"95% interval excludes 0, Holm-corrected p < {ALPHA} across its table, n >= {MIN_N}"
+    if groups["real change"]:
+        lines += [f"Moved ({rule}):"] + groups["real change"]
+    else:
+        lines.append(f"Nothing moved: no instrument's change is distinguishable from noise ({rule}). This is a null "
+                     "result for this run.")
+    if groups["within noise"]:
+        lines += ["Did not move (within noise):"] + groups["within noise"]
+    if groups["n too small"]:
+        lines += [f"Too few items to tell (n < {MIN_N}; not tested):"] + groups["n too small"]
+    dpo = [(label, d) for label, d, _ in _instruments(report) if label.startswith("dpo minus sft")]
+    if dpo:
+        moved = [label for label, d in dpo if verdict(d) == "real change"]
+        lines.append("DPO over SFT (same pairs, dpo minus sft): " + (f"moved {'; '.join(moved)}." if moved else
+                     "no measurable change; on these numbers DPO added nothing beyond the SFT adapter it continued."))
+    for key, section in report.items():
+        own = section.get("headline") if isinstance(section, dict) and key not in _KNOWN_SECTIONS else None
+        lines += [f"{key}: {x}" for x in ([own] if isinstance(own, str) else own or [])]
+    judge = report.get("judge_validity") or (report.get("generation") or {}).get("judge_validity")
+    if isinstance(judge, dict) and isinstance(judge.get("traits"), dict):
+        valid = sorted(t for t, v in judge["traits"].items() if v.get("valid"))
+        invalid = sorted(t for t in judge["traits"] if t not in valid)
+        lines.append(f"Judge {judge.get('judge', '')}: valid for {', '.join(valid) or 'no trait'}"
+                     + (f"; not valid for {', '.join(invalid)}, whose free-generation scores are no evidence." if invalid else "."))
+    lines += ["What these numbers cannot show:"] + [f"- {x}" for x in _limits(report)]
     return lines
+
+
+_KNOWN_SECTIONS = {"preference", "preference_lengths", "framing_gap", "wording_gap", "cross_trait", "forgetting", "probes", "mcq",
+                   "dpo_vs_sft", "generation", "config", "timings", "adapters", "adapter_traits"}
+
+
+def _instruments(r: dict):
+    """(label, change summary, is a share) for each headline instrument in the report: pooled over traits."""
+    def pooled(rec):
+        return rec.get("trait", "all") == "all" and rec.get("axis", "all") == "all"
+
+    for rec in r.get("preference", []):
+        if pooled(rec) and rec["split"] in ("eval_id", "eval_ood") and rec.get("norm_accuracy_delta"):
+            yield f"{rec['model']}: preference accuracy (length-normalised), {rec['split']}", rec["norm_accuracy_delta"], True
+    for rec in r.get("dpo_vs_sft", []):
+        if pooled(rec) and rec["split"] in ("eval_id", "eval_ood"):
+            yield f"dpo minus sft: preference accuracy (length-normalised), {rec['split']}", rec["norm_accuracy_delta"], True
+    for rec in r.get("wording_gap", []):
+        if rec["trait"] == "all" and rec["model"] != "base" and rec.get("norm_accuracy_gap"):
+            yield f"{rec['model']}: seen minus unseen answer wording (accuracy; a gap is recognised sentences)", rec["norm_accuracy_gap"], True
+    for data, by_model in ((r.get("mcq") or {}).get("summary") or {}).items():
+        for a, res in by_model.items():
+            if isinstance(res, dict) and res.get("change_vs_base"):
+                yield f"{a}: multiple choice {data}", res["change_vs_base"], True
+    for rec in r.get("framing_gap", []):
+        if rec["trait"] == "all" and rec.get("norm_accuracy_gap"):
+            yield f"{rec['model']}: framing gap (test-looking minus deployment-looking accuracy)", rec["norm_accuracy_gap"], True
+    for src, d in r.get("forgetting", {}).get("drift", {}).items():
+        for a in tuned_names(r):
+            if a in d and d[a].get("nll_delta"):
+                yield f"{a}: per-token NLL change on {src.replace('_', ' ')} (forgetting)", d[a]["nll_delta"], False
+    for name, rec in r.get("probes", {}).items():
+        for a in tuned_names(r):
+            if rec.get(a, {}).get("accuracy_delta"):
+                yield f"{a}: probe {name} accuracy", rec[a]["accuracy_delta"], True
+    for key, section in r.items():  # sections added by other instruments (endorsement, ...): read defensively
+        records = section.get("summary") if isinstance(section, dict) else section
+        if key in _KNOWN_SECTIONS or not isinstance(records, list):
+            continue
+        for rec in records:
+            if not isinstance(rec, dict) or not pooled(rec) or rec.get("model") == "base":
+                continue
+            labels = [v for k, v in rec.items() if isinstance(v, str) and k not in ("model", "trait", "axis")]
+            for k, d in rec.items():
+                if k.endswith("_delta") and isinstance(d, dict) and {"mean", "ci_low", "ci_high"} <= set(d):
+                    what = f"{key.replace('_', ' ')} {k[:-len('_delta')].replace('_', ' ')}"
+                    yield (f"{rec.get('model', '?')}: {what}" + (f" ({', '.join(labels)})" if labels else ""), d,
+                           any(w in k for w in ("accuracy", "rate", "share")))
+
+
+def _limits(r: dict) -> list[str]:
+    out = []
+    if r.get("tiny_model"):
+        out.append("The base model is a tiny random model (the --smoke check): these numbers show the pipeline runs "
+                   "and say nothing about traits.")
+    elif r.get("n_parameters"):
+        out.append(f"One {r['n_parameters'] / 1e6:.0f}M-parameter model trained briefly: nothing here says what "
+                   "persona training does to a large model.")
+    if r.get("data_generator") in (None, "offline"):
+        out.append("Training and eval data come from the same template generator: a tuned model can prefer seen "
+                   "wording rather than hold the trait (the seen vs unseen wording gap measures part of that), and "
+                   "eval_ood shifts domain, format, pressure and framing only within that family.")
+    if r.get("n_runs", 1) > 1:
+        out.append(f"{r['n_runs']} training seeds on one data set and one set of eval items: intervals cover seed-to-"
+                   "seed variation of training, not a new sample of data or items.")
+    else:
+        out.append("One training seed: intervals cover the eval items only, not seed-to-seed variation (seed "
+                   "variance is large in fine-tuning; run scripts/quickstart.sh --seeds 3).")
+    if r.get("preference") and not _one_trait_adapters(r):
+        out.append("Every adapter was trained on all traits, so the cross-trait matrix cannot show interference "
+                   "between traits (recipes/cross_trait/ trains one adapter per trait).")
+    return out
+
+
+def trained_traits(adapter_dir: str) -> list[str] | None:
+    """The traits an adapter was trained on (its recipe's `traits`, joined with those of an SFT adapter it
+    continued); None when it saw every trait of its data or the recipe is missing."""
+    import yaml
+
+    recipe = Path(adapter_dir) / "recipe.yaml"
+    if not recipe.is_file():
+        return None
+    cfg = yaml.safe_load(recipe.read_text()) or {}
+    own = cfg.get("traits")
+    if own is None:
+        return None
+    before = trained_traits(cfg["sft_adapter"]) if cfg.get("sft_adapter") else own
+    return None if before is None else sorted(set(own) | set(before))
+
+
+def _one_trait_adapters(r: dict) -> bool:
+    traits = r.get("adapter_traits", {})
+    return bool(traits) and all(t is not None and len(t) == 1 for t in traits.values())
+
+
+def _data_generator(dataset_path: str | None) -> str | None:
+    """The generator named in the data's dataset card front matter (data_gen/card.py), if it can be read."""
+    import yaml
+
+    card = Path(dataset_path or "") / "README.md"
+    if not dataset_path or not card.is_file():
+        return None
+    parts = card.read_text(encoding="utf-8").split("---\n")
+    try:
+        return (yaml.safe_load(parts[1]) or {}).get("generator") if len(parts) > 2 else None
+    except yaml.YAMLError:
+        return None
 
 
 def tuned_names(report):
@@ -123,17 +255,15 @@ def tuned_names(report):
 
 
 def render_markdown(r: dict) -> str:
-    L = [f"# Eval report: {r.get('model')}", ""]
-    if r.get("seeds"):
-        L += [f"Aggregated over {r['seeds']} runs: {', '.join(r.get('runs', []))}. Intervals here are across runs "
-              "(mean +- 1.96 standard errors of the per-run values).", ""]
+    L = [f"# Eval report: {r.get('model')}", "", "## Headline", ""]
+    for line in headline(r):  # a blank line before each group, so markdown keeps them apart
+        L += [line] if line.startswith("- ") or L[-1] == "" else ["", line]
+    L += [""] + _statistics_note(r)
     L += [f"Base model: `{r.get('model')}`. Adapters: " + (", ".join(f"`{a}` ({d})" for a, d in r.get("adapters", {}).items()) or "none") + ".",
           f"Prompts are formatted with the {r.get('template', 'chat template')}; base and tuned use the same one.", ""]
     if r.get("tiny_model"):
         L += ["> **Note:** the base model is a tiny random model (a smoke test). Its numbers check that the pipeline "
               "runs; they say nothing about traits.", ""]
-    L += ["All intervals are 95% bootstrap intervals over items (pairs, texts, questions), seeded for reproducibility. "
-          "A change is called real only when its interval excludes zero; otherwise it is within noise.", ""]
     if r.get("preference"):
         L += ["## Trait preference on held-out pairs", "",
               "Each pair has a trait-consistent answer and a violating one. **Length-normalised accuracy** (the headline) "
@@ -143,7 +273,7 @@ def render_markdown(r: dict) -> str:
               "the mean differences (positive favours the trait), per token and summed. `eval_id` pairs resemble "
               "training; `eval_ood` pairs come from domains, formats, pressure and framings never trained on.", "",
               "Cells show the value with its 95% interval; for tuned models, the change from base follows, marked "
-              "*real* when its interval excludes zero.", ""]
+              "*real* when it passes the rule above (n, interval, Holm across the table).", ""]
         L += _length_lines(r)
         L += _compact_table(r["preference"], ["base"] + tuned_names(r), "norm_accuracy", pct=True, title="Preference accuracy, length-normalised (headline)")
         L += _compact_table(r["preference"], ["base"] + tuned_names(r), "norm_margin", pct=False, title="Length-normalised margin (per token)")
@@ -160,13 +290,30 @@ def render_markdown(r: dict) -> str:
             L.append(f"| {rec['trait']} | {rec['model']} | {rec['n_pairs']} | {_delta(rec.get('norm_accuracy_gap'), True)} | "
                      f"{_delta(rec.get('norm_margin_gap'))} | {_delta(rec['accuracy_gap'], True)} | {_delta(rec['margin_gap'])} |")
         L.append("")
+    L += _wording_lines(r)
+    if r.get("dpo_vs_sft"):
+        L += ["## Did DPO add anything over SFT?", "", "The DPO adapter continues the SFT adapter, so this is the "
+              "paired change on the same pairs, dpo minus sft (not base). Marked *real* under the same rule.", ""]
+        L += _compact_table(r["dpo_vs_sft"], ["dpo"], "norm_accuracy", pct=True, title="Length-normalised accuracy: dpo (change from sft)")
+        L += _compact_table(r["dpo_vs_sft"], ["dpo"], "norm_margin", pct=False, title="Per-token margin: dpo (change from sft)")
     if r.get("cross_trait"):
-        adapters = sorted({a for row in r["cross_trait"].values() for a in row})
+        # cells from the preference records when present: they carry n and the corrected verdict
+        cells = {(x["trait"], x["model"]): x["norm_accuracy_delta"] for x in r.get("preference", [])
+                 if x["split"] == "all" and x["axis"] == "all" and x["trait"] != "all" and x.get("norm_accuracy_delta")}
+        cells = cells or {(t, a): d for t, row in r["cross_trait"].items() for a, d in row.items()}
+        adapters = sorted({a for _, a in cells})
+        traits = r.get("adapter_traits", {})
+        trained = ", ".join(f"`{a}`: {', '.join(t) if t else 'all traits (or not recorded)'}" for a, t in sorted(traits.items()))
         L += ["## Cross-trait matrix", "", "Change in length-normalised preference accuracy from base, per trait (rows) and adapter (columns), "
-              "over all held-out pairs of the trait. A negative cell in a trait an adapter was not trained for is interference.", "",
+              f"over all held-out pairs of the trait. Trained on: {trained or 'unknown'}.", "",
+              ("Each adapter was trained on one trait: a negative cell in a trait it was not trained on is interference, "
+               "a positive one transfer." if _one_trait_adapters(r) else
+               "**These adapters were trained on all traits, so this matrix cannot show interference**: a trait's row "
+               "mixes its own training with any effect of the others. Train one adapter per trait "
+               "(recipes/cross_trait/) to see it."), "",
               "| trait | " + " | ".join(adapters) + " |", "|---" * (len(adapters) + 1) + "|"]
-        for trait, row in sorted(r["cross_trait"].items()):
-            L.append(f"| {trait} | " + " | ".join(_delta(row.get(a), True) for a in adapters) + " |")
+        for trait in sorted({t for t, _ in cells}):
+            L.append(f"| {trait} | " + " | ".join(_delta(cells.get((trait, a)), True) for a in adapters) + " |")
         L.append("")
     fg = r.get("forgetting", {})
     if fg.get("drift"):
@@ -199,18 +346,11 @@ def render_markdown(r: dict) -> str:
                 text = row["text"][:160].replace("|", "/").replace("\n", " ")
                 L.append(f"| {row['kl']:.4f} | `{t.get('token', '').strip() or repr(t.get('token'))}` ({t.get('delta_logprob', 0):+.2f}) | {row['source']} | {text} |")
             L.append("")
-    gen = r.get("generation")
-    if gen and gen.get("summary"):
-        L += ["## Free generation, judged", "", gen.get("description", ""), "",
-              "| model | trait | n | unscored | coherent share | trait score (coherent only) | pass rate |", "|---|---|---|---|---|---|---|"]
-        for rec in gen["summary"]:
-            L.append(f"| {rec['model']} | {rec['trait']} | {rec['n']} | {rec['unscored']} | {_fmt(rec['coherent_share'], True)} | "
-                     f"{_fmt(rec['trait_score'])} | {_fmt(rec['trait_pass_rate'], True)} |")
-        if gen.get("generation_failures"):
-            L.append(f"\nFailed generation requests (after retries; counted as unscored): {gen['generation_failures']}")
-        if gen.get("failures"):
-            L.append(f"\nJudge failures (after retries): {gen['failures']}")
-        L.append("")
+    from eval.endorsement import endorsement_markdown
+    from eval.judges import generation_markdown
+
+    L += endorsement_markdown(r)
+    L += generation_markdown(r)  # judge validity first, then its scores, then answers side by side
     for section in ("mcq",):
         if r.get(section):
             L += [f"## {section.replace('_', ' ').title()}", "", r[section].get("description", ""), "", "```",
@@ -223,8 +363,45 @@ def render_markdown(r: dict) -> str:
         L += ["## Plots", ""] + [f"![{Path(p).stem}](plots/{Path(p).name})" for p in r["plots"]] + [""]
     if r.get("timings"):
         L += ["## Timings (s)", "", ", ".join(f"{k}: {v:.1f}" for k, v in r["timings"].items()), ""]
-    L += ["## Headline", "", "```"] + headline(r) + ["```", ""]
     return "\n".join(L)
+
+
+def _statistics_note(r: dict) -> list[str]:
+    tables = r.get("multiple_comparisons", {})
+    if r.get("n_runs", 1) > 1:
+        seeds = r.get("seeds") or []
+        seeds = f" (training seeds {', '.join(str(x) for x in seeds)})" if any(x is not None for x in seeds) else ""
+        how = (f"Aggregated over {r['n_runs']} runs{seeds}: {', '.join(r.get('runs', []))}. Each "
+               "value is the mean of the per-seed values (listed after it); its 95% interval is a t interval from their "
+               f"spread ({r['n_runs'] - 1} degree{'s' if r['n_runs'] > 2 else ''} of freedom), and a change's p-value is a one-sample t-test across "
+               "seeds. n is the items per seed (the same items in every seed), never a sum. Where every seed gave the "
+               "same value the spread says nothing and the first seed's item-level interval is shown.")
+    else:
+        how = ("Intervals are 95% bootstrap intervals over items (pairs, texts, questions), seeded for reproducibility. "
+               "A change's p-value is an exact sign test over the same items (McNemar's test for accuracy).")
+    return ["## How to read the statistics", "", how, "",
+            f"A change is called **real** only when it has at least {MIN_N} items (below that: *n too small*; a bootstrap "
+            "over a handful of items gives zero-width intervals whenever they agree), its 95% interval excludes zero, "
+            f"and its p-value stays below {ALPHA} after Holm-Bonferroni correction across all cells of its table "
+            "(every trait, split, axis and adapter of one measure; cells that pool others are counted too, Holm holds "
+            "under any dependence). Otherwise it is *within noise*. Intervals shown are uncorrected.", "",
+            "Cells per corrected table: " + (", ".join(f"`{k}` {v}" for k, v in tables.items()) or "none") + ".", ""]
+
+
+def _wording_lines(r: dict) -> list[str]:
+    gaps = r.get("wording_gap")
+    if not gaps:
+        return []
+    L = ["## Seen vs unseen answer wording", "",
+         "Held-out answers are written in wording never used in training. `eval_id` also holds some of the same "
+         "prompts answered in training wording (axis `seen_wording`, left out of every pooled number above). "
+         "Gap = accuracy on the seen-wording pairs minus accuracy on their unseen twins: the part of a held-out "
+         "score that recognising training sentences would add.", "",
+         "| trait | model | pairs | seen wording | unseen wording | gap (seen - unseen) |", "|---|---|---|---|---|---|"]
+    for rec in gaps:
+        L.append(f"| {rec['trait']} | {rec['model']} | {rec['n_pairs']} | {_fmt(rec['seen_norm_accuracy'], True)} | "
+                 f"{_fmt(rec['unseen_norm_accuracy'], True)} | {_delta(rec['norm_accuracy_gap'], True)} |")
+    return L + [""]
 
 
 def _length_lines(r: dict) -> list[str]:
@@ -257,7 +434,7 @@ def _compact_table(records, models, metric, pct, title) -> list[str]:
             if d:
                 sign = "+" if d["mean"] >= 0 else ""
                 val = f"{100 * d['mean']:.1f} pts" if pct else f"{d['mean']:.3g}"
-                cell += f"; change {sign}{val}" + (" *real*" if d["significant"] else "")
+                cell += f"; change {sign}{val}" + (" *real*" if verdict(d) == "real change" else "")
             cells.append(cell)
         n = next(iter(by_model.values()))[metric]["n"]
         L.append(f"| {trait} | {split} | {axis} | {n} | " + " | ".join(cells) + " |")

@@ -31,16 +31,20 @@ def evaluate(cfg: EvalConfig) -> dict:
     from eval.variants import load_variants
     from train.cpu_speed import keep_freed_memory
 
+    from eval.trait_specs import preflight
+
+    specs = preflight(cfg)  # a trait without the spec sections a suite needs fails here, before any model loads
     torch.manual_seed(cfg.seed)
     timings, t0 = {}, time.time()
-    variants = load_variants(cfg.model, cfg.adapters, cfg.dtype)
+    variants = load_variants(cfg.model, cfg.adapters, cfg.dtype, cfg.device)
     # Scoring allocates vocabulary-wide logits per batch: reuse that memory rather than page-fault it in again
     keep_freed_memory(next(variants.model.parameters()).device)
     timings["load"] = time.time() - t0
     n_params = sum(p.numel() for p in variants.model.parameters())
     report = {
         "model": cfg.model, "adapters": dict(cfg.adapters), "tuned": variants.tuned, "template": variants.template_note,
-        "n_parameters": n_params, "tiny_model": n_params < 5_000_000, "config": dataclasses.asdict(cfg),
+        "n_parameters": n_params, "device": str(next(variants.model.parameters()).device),
+        "dtype": str(next(variants.model.parameters()).dtype).replace("torch.", ""), "tiny_model": n_params < 5_000_000, "config": dataclasses.asdict(cfg),
     }
 
     def timed(name, fn):
@@ -51,15 +55,20 @@ def evaluate(cfg: EvalConfig) -> dict:
         return result
 
     if "preference" in cfg.suites:
-        from eval.preference import (cross_trait_matrix, framing_gap, length_stats, load_pairs, preference_tables,
-                                     score_pairs)
+        from eval.preference import (cross_trait_matrix, drop_unrenderable, framing_gap, length_stats, load_pairs,
+                                     preference_tables, score_pairs, wording_gap)
 
         rows = load_pairs(cfg.dataset_path, cfg.max_pairs_per_split, cfg.seed)
+        rows, report["preference_skipped"] = drop_unrenderable(rows, variants.tokenizer)
         scored = timed("preference", lambda: score_pairs(variants, rows, cfg.batch_size, cfg.max_length))
         report["preference"] = preference_tables(rows, scored, cfg.bootstrap_samples, cfg.seed)
         report["preference_lengths"] = length_stats(rows, scored)
         report["framing_gap"] = framing_gap(rows, scored, cfg.bootstrap_samples, cfg.seed)
+        report["wording_gap"] = wording_gap(rows, scored, cfg.bootstrap_samples, cfg.seed)
         report["cross_trait"] = cross_trait_matrix(report["preference"])
+        if {"sft", "dpo"} <= set(scored):  # DPO continues SFT: what did it add? (same pairs, dpo minus sft)
+            vs = preference_tables(rows, {"base": scored["sft"], "dpo": scored["dpo"]}, cfg.bootstrap_samples, cfg.seed)
+            report["dpo_vs_sft"] = [rec for rec in vs if rec["model"] == "dpo"]
     if "forgetting" in cfg.suites or "diff" in cfg.suites:
         from eval.forgetting import forgetting_suite
 
@@ -69,11 +78,15 @@ def evaluate(cfg: EvalConfig) -> dict:
         from eval.forgetting import probes_suite
 
         report["probes"] = timed("probes", lambda: probes_suite(variants, cfg))
+    if "endorsement" in cfg.suites:
+        from eval.endorsement import endorsement_suite
+
+        report["endorsement"] = timed("endorsement", lambda: endorsement_suite(variants, cfg, specs))
     if "generation" in cfg.suites:
         from eval.judges import generation_suite
 
-        report["generation"] = timed("generation", lambda: generation_suite(variants, cfg))
-    if "mcq" in cfg.suites and cfg.mcq_data:
+        report["generation"] = timed("generation", lambda: generation_suite(variants, cfg, specs))
+    if "mcq" in cfg.suites and (cfg.mcq_data or cfg.mcq):
         from eval.mcq import mcq_suite
 
         report["mcq"] = timed("mcq", lambda: mcq_suite(variants, cfg))

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-TRAITS = ("care", "honesty", "acceptance")
+TRAITS = ("care", "honesty", "instance_reduction")  # built-in trait names: the eval reads their specs
 WORDS = "the person help care honest truth calm accept model stop replace fine okay good bad know unsure".split()
 
 
@@ -118,8 +118,12 @@ def test_end_to_end_report(tiny_model_dir, eval_setup, tmp_path, monkeypatch):
     assert all((tmp_path / "out" / "plots" / p).stat().st_size > 1000 for p in pngs)
     assert len(report["forgetting"]["top_diffs"]["dpo"]) > 0
     gen = {(r["model"], r["trait"]): r for r in on_disk["generation"]["summary"]}
-    assert gen[("dpo", "all")]["n"] == 3 and gen[("base", "all")]["unscored"] == 0
-    assert len(on_disk["generation"]["samples"]) == 9
+    # 3 prompts per trait; the fixture's 2 train pairs are too few to train the classifier judge, so every trait
+    # is unscored and its judge INVALID (scores withheld), which the report must say
+    assert gen[("dpo", "all")]["n"] == 9 and gen[("base", "all")]["unscored"] == 9
+    assert len(on_disk["generation"]["samples"]) == 27
+    assert not on_disk["generation"]["validity"]["valid"] and gen[("dpo", "care")]["trait_score"] is None
+    assert "INVALID" in (tmp_path / "out" / "report.md").read_text()
     assert list(tmp_path.glob("wandb/offline-run-*")), "W&B offline run not written"
 
 

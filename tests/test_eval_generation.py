@@ -95,7 +95,7 @@ def test_eval_run_sends_base_and_lora_names_and_reports_failed_items(tiny_model_
                        "--suites", "[generation]", "--generation_prompts", "3", "--max_new_tokens", "9",
                        "--bootstrap_samples", "50", "--generation_backend", "openai", "--generation_base_url", srv.url,
                        "--generation_models", json.dumps({"base": "served-base", "sft": "persona-sft"}),
-                       "--generation_concurrency", "2"])
+                       "--generation_concurrency", "2", "--judge", "similarity"])  # the fixture has too few train pairs for the classifier
     gen = report["generation"]
     assert gen["backend"] == "openai"
     assert {b["model"] for b in srv.requests} == {"served-base", "persona-sft"}
@@ -111,7 +111,7 @@ def test_eval_run_sends_base_and_lora_names_and_reports_failed_items(tiny_model_
     summary = {(r["model"], r["trait"]): r for r in gen["summary"]}
     assert summary[("sft", "all")]["generation_failed"] == 1 and summary[("sft", "all")]["unscored"] == 1
     assert summary[("base", "all")]["generation_failed"] == 0 and summary[("base", "all")]["unscored"] == 0
-    assert summary[("sft", "all")]["coherent_share"]["n"] == 2
+    assert summary[("sft", "all")]["coherent_share"]["n"] == 8  # 3 prompts per trait, one failed
     assert "Failed generation requests" in (tmp_path / "out" / "report.md").read_text()
 
 

