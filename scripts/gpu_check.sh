@@ -162,7 +162,7 @@ from eval.judges import pick_prompts
 from eval.variants import load_variants
 model, data, adapter = sys.argv[1:4]
 cfg = EvalConfig(model=model, adapters={"sft": adapter} if adapter else {}, dataset_path=data, suites=["generation"],
-                 dtype="bfloat16", generation_prompts=8, max_new_tokens=48, judge="none")
+                 dtype="bfloat16", generation_prompts=3, max_new_tokens=48, judge="none")
 variants = load_variants(cfg.model, cfg.adapters, cfg.dtype, device="cuda")
 convs = [r["prompt"] for r in pick_prompts(data, cfg.generation_prompts, cfg.seed)]
 hf, _ = generate_variants(variants, cfg, convs)
