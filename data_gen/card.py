@@ -1,6 +1,9 @@
 """Dataset card (README.md with YAML metadata) and the diversity figures it reports."""
 
+import json
 import random
+import re
+from pathlib import Path
 
 import numpy as np
 import yaml
@@ -68,21 +71,50 @@ def length_balance(dpo) -> dict:
             for trait, splits in acc.items()}
 
 
-def write_card(path, *, cfg, specs, sizes, axes, div, skipped, leak_checks, generator="offline", lengths=None):
+# The Hub's size_categories values (its dataset-card metadata spec); anything else fails the Hub's check.
+SIZE_CATEGORIES = [(1e3, "n<1K"), (1e4, "1K<n<10K"), (1e5, "10K<n<100K"), (1e6, "100K<n<1M"), (1e7, "1M<n<10M"),
+                   (1e8, "10M<n<100M"), (1e9, "100M<n<1B"), (1e10, "1B<n<10B"), (1e11, "10B<n<100B"),
+                   (1e12, "100B<n<1T"), (float("inf"), "n>1T")]
+RECORD = "generation.json"  # how the data was made (seed, sizes, checks): the card's front matter keeps the Hub's keys
+
+
+def data_files(sizes) -> list[dict]:
+    """The card's `configs`: one config per kind, one split per data split, over the JSONL files uploaded with it."""
+    return [{"config_name": kind, "data_files": [{"split": s, "path": f"jsonl/{kind}_{s}.jsonl"} for s in sizes[kind]]}
+            for kind in ("sft", "dpo")]
+
+
+PUSHED = "hub_push.json"  # written after a successful push (not uploaded): where this data lives on the Hub
+
+
+def pushed_dataset_id(path) -> str | None:
+    """The Hub dataset id of a data source: the id itself, or the one a data_gen folder was pushed to (else None)."""
+    path = str(path or "")
+    folder = Path(path)
+    if folder.is_dir():
+        return json.loads((folder / PUSHED).read_text())["repo_id"] if (folder / PUSHED).is_file() else None
+    return path if re.fullmatch(r"[\w.-]+/[\w.-]+", path) and not folder.exists() else None
+
+
+def read_record(folder) -> dict:
+    """The generation record of a data_gen folder ({} when the folder has none, e.g. a user's own dataset)."""
+    path = Path(folder) / RECORD
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def write_card(folder, *, cfg, specs, sizes, axes, div, skipped, leak_checks, generator="offline", lengths=None):
+    """README.md (a Hub dataset card) and generation.json in `folder`; returns the generation record."""
+    from huggingface_hub import DatasetCard, DatasetCardData
+
+    folder = Path(folder)
     n_total = sum(sum(s.values()) for s in sizes.values())
-    size_cat = next(c for lim, c in [(1e3, "n<1K"), (1e4, "1K<n<10K"), (1e5, "10K<n<100K"), (1e6, "100K<n<1M"),
-                                     (float("inf"), "n>1M")] if n_total < lim)
-    meta = {
-        "license": cfg.license,
-        "language": ["en"],
-        "pretty_name": "Persona trait data: " + ", ".join(s.name for s in specs),
-        "tags": ["persona", "alignment", "synthetic", "sft", "dpo"],
-        "task_categories": ["text-generation"],
-        "size_categories": [size_cat],
-        "configs": [
-            {"config_name": kind, "data_files": [{"split": s, "path": f"jsonl/{kind}_{s}.jsonl"} for s in sizes[kind]]}
-            for kind in ("sft", "dpo")
-        ],
+    pretty_name = "Persona trait data: " + ", ".join(s.name for s in specs)
+    card_data = DatasetCardData(
+        license=cfg.license, language=["en"], pretty_name=pretty_name,
+        tags=["persona", "alignment", "synthetic", "sft", "dpo"], task_categories=["text-generation"],
+        size_categories=[next(c for lim, c in SIZE_CATEGORIES if n_total < lim)], configs=data_files(sizes),
+    )
+    record = {
         "generator": generator,
         "seed": cfg.seed,
         "traits": [s.name for s in specs],
@@ -95,7 +127,7 @@ def write_card(path, *, cfg, specs, sizes, axes, div, skipped, leak_checks, gene
         "skipped_user_rows": {k: len(v) for k, v in skipped.items()},
     }
     body = [
-        f"# {meta['pretty_name']}",
+        f"# {pretty_name}",
         "",
         f"Synthetic persona-trait data made by `data_gen` ({generator} generator, seed {cfg.seed}). "
         "`sft` holds conversations (`messages`); `dpo` holds preference pairs (`prompt`, `chosen`, `rejected`) "
@@ -136,8 +168,9 @@ def write_card(path, *, cfg, specs, sizes, axes, div, skipped, leak_checks, gene
              "train answers (`unseen_*`: the held-out rows; `seen_*`: the seen_wording contrast rows).", "", "```yaml", yaml.safe_dump(leak_checks, sort_keys=False).strip(), "```", ""]
     if any(skipped.values()):
         body += ["## Skipped user rows", ""] + [f"- {k}: {line}" for k, v in skipped.items() for line in v[:50]] + [""]
-    text = "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n\n" + "\n".join(body) + "\n"
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-    return meta
+    body += ["## Generation record", "", f"`{RECORD}` holds the generator, seed, split sizes, held-out domains and "
+             "formats, and the figures above, machine-readable.", ""]
+    DatasetCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(body) + "\n").save(folder / "README.md")
+    (folder / RECORD).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return record
 

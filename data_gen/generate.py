@@ -6,6 +6,7 @@ validated before any data is generated.
 """
 
 import json
+import os
 import re
 import shutil
 import sys
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from .card import PUSHED, RECORD
 from .leakage import check_leakage, check_wording, prompt_text
 from .offline import OOD_AXES, generate_trait
 from .spec import FORMATS, SpecError, load_trait_spec, resolve_trait_path
@@ -56,6 +58,11 @@ class DataGenConfig:
     license: str = field(default="apache-2.0", metadata={"help": "Licence written in the dataset card."})
     push_to_hub: Optional[str] = field(default=None, metadata={"help": "Hub repo id (user/name) to push the dataset to."})
     hub_private: bool = field(default=True, metadata={"help": "Create the Hub repo as private."})
+    wandb: bool = field(default=False, metadata={
+        "help": "Log the data stage to W&B (online when logged in, else offline): sizes, checks, dataset artifact."})
+    wandb_project: str = field(default="persona-pipeline", metadata={"help": "W&B project."})
+    experiment: Optional[str] = field(default=None, metadata={
+        "help": "W&B group shared with the training and eval runs (default: the name of output_dir's parent)."})
 
     def __post_init__(self):
         for name in ("sft_train_per_trait", "dpo_train_per_trait", "eval_ood_per_axis_per_trait", "diversity_sample"):
@@ -191,32 +198,75 @@ def finish(cfg, specs, data, skipped, leak_checks, generator):
     for kind in data:
         for r in data[kind]["train"]:  # user and teacher rows: whatever their wording, it is what training sees
             r.setdefault("wording", "seen")
-    dicts = write_dataset(data, out_dir)
+    write_dataset(data, out_dir)
     sizes = {kind: {s: len(rows) for s, rows in splits.items()} for kind, splits in data.items()}
     axes = {a: sum(r["axis"] == a for r in data["dpo"]["eval_ood"]) for a in OOD_AXES}
     train = data["dpo"]["train"]
     div = diversity([prompt_text(r["prompt"]) for r in train], [r["chosen"][0]["content"] for r in train],
                     [r["rejected"][0]["content"] for r in train], embedding=cfg.leakage_embedding_check, threshold=cfg.near_duplicate_threshold,
                     sample=cfg.diversity_sample, seed=cfg.seed)
-    write_card(out_dir / "README.md", cfg=cfg, specs=specs, sizes=sizes, axes=axes, div=div, skipped=skipped,
+    (out_dir / PUSHED).unlink(missing_ok=True)  # a record of an earlier push describes other data
+    write_card(out_dir, cfg=cfg, specs=specs, sizes=sizes, axes=axes, div=div, skipped=skipped,
                leak_checks=leak_checks, generator=generator, lengths=length_balance(data["dpo"]))
     log(f"wrote {out_dir}: " + ", ".join(f"{k} {v}" for k, v in sizes.items()))
     if cfg.push_to_hub:
-        push(dicts, out_dir, cfg)
+        push(out_dir, cfg)
+    if cfg.wandb:
+        log_data_run(out_dir, cfg, sizes, div, leak_checks)
     return sizes, div
 
 
-def push(dicts, out_dir, cfg):
-    """Push both configs and the card. Local files are already written, so a failed push loses nothing."""
+def hub_folder(out_dir: Path, dest: Path) -> Path:
+    """The folder a push uploads: the card, the generation record and exactly the files the card's configs name."""
+    from huggingface_hub import DatasetCard
+
+    files = ["README.md", RECORD]
+    files += [f["path"] for c in DatasetCard.load(out_dir / "README.md").data.configs for f in c["data_files"]]
+    for rel in files:
+        if not (out_dir / rel).is_file():
+            raise FileNotFoundError(f"{out_dir / rel}: named by the dataset card but missing")
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(out_dir / rel, dest / rel)
+    return dest
+
+
+def push(out_dir: Path, cfg):
+    """Upload `hub_folder` as one commit. Local files are already written, so a failed push loses nothing.
+
+    Remote `jsonl/` files this push does not carry are deleted in the same commit: the repo then holds what
+    the card's configs name and nothing stale. The token comes from HF_TOKEN or the saved login.
+    """
+    import tempfile
+
     from huggingface_hub import HfApi
 
-    for kind, dd in dicts.items():
-        dd.push_to_hub(cfg.push_to_hub, config_name=kind, private=cfg.hub_private)
-    HfApi().upload_file(path_or_fileobj=str(out_dir / "README.md"), path_in_repo="README.md",
-                        repo_id=cfg.push_to_hub, repo_type="dataset")
-    log(f"pushed to https://huggingface.co/datasets/{cfg.push_to_hub}")
+    api = HfApi(endpoint=os.environ.get("HF_ENDPOINT"))
+    try:
+        with tempfile.TemporaryDirectory(prefix="data_gen-push-") as tmp:
+            folder = hub_folder(out_dir, Path(tmp))
+            api.create_repo(cfg.push_to_hub, repo_type="dataset", private=cfg.hub_private, exist_ok=True)
+            info = api.upload_folder(folder_path=str(folder), repo_id=cfg.push_to_hub, repo_type="dataset",
+                                     delete_patterns=["jsonl/*"], commit_message="Upload from persona-pipeline data_gen")
+    except Exception as err:
+        raise RuntimeError(f"push of {out_dir} to the Hub dataset {cfg.push_to_hub} failed ({type(err).__name__}: "
+                           f"{err}); the local dataset is complete, re-run to retry") from err
+    (out_dir / PUSHED).write_text(json.dumps({"repo_id": cfg.push_to_hub, "commit": info.oid,
+                                              "url": info.commit_url}, indent=2) + "\n")
+    log(f"pushed to {info.repo_url}")
 
 
+def log_data_run(out_dir: Path, cfg, sizes: dict, div: dict, leak_checks: dict) -> None:
+    """The data stage's W&B run: sizes and diversity in the summary, the dataset (card + JSONL) as an artifact."""
+    from train.tracking import dataset_artifact, experiment_name, log_output, start_run
+
+    experiment = experiment_name(cfg.output_dir, cfg.experiment)
+    run = start_run("data", experiment=experiment, project=cfg.wandb_project, wandb_dir=out_dir.resolve().parent,
+                    config={"DataGenConfig": {k: v for k, v in vars(cfg).items()}})
+    run.summary.update({f"rows/{kind}/{split}": n for kind, splits in sizes.items() for split, n in splits.items()})
+    run.summary.update({f"diversity/{k}": v for k, v in div.items() if isinstance(v, (int, float))})
+    run.summary.update({f"leakage/{k}": v for k, v in leak_checks.items() if isinstance(v, str)})
+    log_output(run, dataset_artifact(out_dir, experiment))
+    run.finish()
 def main(argv=None):
     from .recipe import parse_recipe
     from .teacher import TeacherConfig

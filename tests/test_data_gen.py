@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from data_gen.card import read_record
 from data_gen.generate import DataGenConfig, build, main
 from data_gen.leakage import LeakageError, check_leakage, find_leaks, prompt_text
 from data_gen.recipe import RecipeError, parse_recipe
@@ -131,9 +132,11 @@ def test_columns_and_conversational_format(dataset):
 
 
 def test_card_has_metadata(dataset):
-    text = (dataset / "README.md").read_text()
-    meta = yaml.safe_load(text.split("---\n")[1])
-    assert meta["license"] == "apache-2.0" and meta["seed"] == 0 and meta["traits"] == TRAITS
+    from huggingface_hub import DatasetCard
+
+    assert DatasetCard.load(dataset / "README.md").data.license == "apache-2.0"
+    meta = read_record(dataset)
+    assert meta["seed"] == 0 and meta["traits"] == TRAITS
     assert meta["split_sizes"]["dpo"]["train"] == 3 * 40
     assert set(meta["eval_ood_axes"]) == {"heldout_domain", "heldout_format", "adversarial_pressure", "framing"}
     assert 0 < meta["diversity"]["prompt_distinct_2"] <= 1
@@ -142,7 +145,7 @@ def test_card_has_metadata(dataset):
 def test_rejected_about_as_long_as_chosen(dataset):
     """A length gap lets DPO and log-likelihood preference accuracy reward length instead of the trait."""
     words = lambda r, side: len(r[side][0]["content"].split())  # noqa: E731
-    meta = yaml.safe_load((dataset / "README.md").read_text().split("---\n")[1])
+    meta = read_record(dataset)  # data_gen/card.py: generation.json
     rows = [r for s in ("train", "eval_id", "eval_ood") for r in read_jsonl(dataset / "jsonl" / f"dpo_{s}.jsonl")]
     for name in TRAITS:
         mine = [r for r in rows if r["trait"] == name]
@@ -276,7 +279,7 @@ def test_skip_bad_rows_counts_them(tmp_path):
     main(["--output_dir", str(out), "--extra_sft_jsonl", str(path), "--skip_bad_rows", "true", *SMALL])
     train = read_jsonl(out / "jsonl" / "sft_train.jsonl")
     assert sum(r["trait"] == "user" for r in train) == 1
-    meta = yaml.safe_load((out / "README.md").read_text().split("---\n")[1])
+    meta = read_record(out)  # data_gen/card.py: generation.json
     assert meta["skipped_user_rows"] == {str(path): 2}
 
 

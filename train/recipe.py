@@ -181,7 +181,16 @@ def parse_recipe(parser, argv: list[str] | None = None):
             raise RecipeError(f"{config_path}: set dataset_name or its alias dataset_path, not both")
     # The alias on the command line must beat the recipe's dataset_name, as any flag beats the recipe.
     argv = ["--dataset_name" if a == "--dataset_path" else a for a in argv]
-    return parser.parse_args_and_config(argv)
+    parsed = parser.parse_args_and_config(argv)
+    if any(getattr(args, "push_to_hub", False) for args in parsed):
+        # The Trainer would upload the raw output_dir (checkpoints, TRL's ref/ copy) before the recipe and manifest
+        # exist, with a card that knows nothing of the eval: publishing has one path, train.publish.
+        raise RecipeError(
+            f"{config_path or 'command line'}: push_to_hub: true is not supported here; train with push_to_hub: "
+            "false, then publish the adapter with `python -m train.publish --adapter <output_dir> --repo_id "
+            "<you/name> --report <report.json>` (a checked folder, model card with the eval results)"
+        )
+    return parsed
 
 
 def _as_plain(value):

@@ -33,6 +33,14 @@ def make_parser():
 
 
 def main(script_args, training_args, model_args):
+    """Train in output_dir, which this run owns from its checks until it returns (a second run is refused)."""
+    import contextlib
+
+    with contextlib.ExitStack() as held:
+        return _train(script_args, training_args, model_args, held)
+
+
+def _train(script_args, training_args, model_args, held):
     from accelerate import PartialState
     from trl import SFTTrainer, get_peft_config, get_quantization_config
 
@@ -48,21 +56,25 @@ def main(script_args, training_args, model_args):
     from train.models import load_model, load_tokenizer, resolve_model_path
     from train.outputs import (
         assert_adapter_changed,
+        checked_strategy,
         checkpoint_step,
+        claim_run,
         dataset_sha256,
         final_metrics,
         lora_snapshot,
-        resume_checkpoint,
+        own_run_folder,
+        run_fingerprint,
         save_run,
     )
     from train.recipe import resolved_recipe
-    from train.tracking import RecipeToWandb, finish_wandb, setup_wandb
+    from train.tracking import RecipeToWandb, finish_training_run, setup_wandb
 
     if not model_args.use_peft:
         raise ValueError("This pipeline trains LoRA adapters: set `use_peft: true` in the recipe.")
     if not model_args.model_name_or_path:
         raise ValueError("Set `model_name_or_path` in the recipe (e.g. smollm2-135m-instruct).")
     state = PartialState()  # binds each process to its device before the model loads (no device_map under DDP)
+    strategy = checked_strategy(state)  # before any work: FSDP/DeepSpeed asked for but not set up is refused
 
     dataset_name, dataset_config = dataset_source(script_args, "sft")
     dataset = load_split(
@@ -88,11 +100,18 @@ def main(script_args, training_args, model_args):
     check_renderable(dataset, tokenizer)
     trainable_tokens = check_trainable_tokens(dataset, *mask_args)
 
-    setup_wandb(training_args, script_args, "sft")
+    held.enter_context(own_run_folder(training_args.output_dir, state.is_main_process))
+    recipe = resolved_recipe(script_args, training_args, model_args)
+    data_sha256 = dataset_sha256(dataset)
+    todo, resume = claim_run(training_args.output_dir, run_fingerprint("sft", recipe, data_sha256, state.num_processes),
+                             training_args.resume_from_checkpoint, state.is_main_process)
+    if todo == "finished":
+        state.print(f"{training_args.output_dir} already finished this run (same recipe and data): nothing to train")
+        return training_args.output_dir
+    resumed_at_step = checkpoint_step(resume)  # read now: checkpoint rotation may delete the folder
+    setup_wandb(training_args, script_args, "sft", resuming=resume is not None)
     base_path = resolve_model_path(model_args.model_name_or_path)
     model = load_model(base_path, dtype=model_args.dtype, quantization_config=get_quantization_config(model_args))
-    resume = resume_checkpoint(training_args.output_dir, training_args.resume_from_checkpoint)
-    resumed_at_step = checkpoint_step(resume)  # read now: checkpoint rotation may delete the folder
 
     trainer = SFTTrainer(
         model=model,
@@ -115,7 +134,8 @@ def main(script_args, training_args, model_args):
     train_output = trainer.train(resume_from_checkpoint=resume)
     adapter_check = assert_adapter_changed(before, trainer.model)
     # One line per process, so a multi-process run shows that every rank trained.
-    print(f"[rank {state.process_index} of {state.num_processes}] trained {trainer.state.global_step} steps", flush=True)
+    print(f"[rank {state.process_index} of {state.num_processes}] trained {trainer.state.global_step} steps "
+          f"({strategy}, model wrapped as {type(trainer.model_wrapped).__name__})", flush=True)
 
     manifest = {
         "stage": "sft",
@@ -127,16 +147,17 @@ def main(script_args, training_args, model_args):
             "split": script_args.dataset_train_split,
             "examples": len(dataset),
             "trainable_tokens": trainable_tokens,
-            "sha256": dataset_sha256(dataset),
+            "sha256": data_sha256,
         },
+        "parallelism": {"strategy": strategy, "model_wrapper": type(trainer.model_wrapped).__name__},
         "resumed_from": resume,
         "resumed_at_step": resumed_at_step,
         "adapter_check": adapter_check,
         "metrics": final_metrics(trainer, train_output, resumed=resume is not None),
     }
-    save_run(trainer, resolved_recipe(script_args, training_args, model_args), manifest)
+    save_run(trainer, recipe, manifest)
     state.print(f"Saved adapter to {training_args.output_dir}")
-    finish_wandb({"adapter_check": adapter_check, "data_sha256": manifest["data"]["sha256"]})
+    finish_training_run("sft", training_args, script_args, manifest, inputs=[dataset_name])
     trainer.end()
     return training_args.output_dir
 
