@@ -22,7 +22,7 @@ from train.cpu_speed import set_cpu_thread_env  # noqa: E402
 
 set_cpu_thread_env()  # before torch loads: OpenMP threads must sleep, not spin, on a shared CPU
 
-from train.recipe import ScriptArguments  # noqa: E402
+from train.recipe import ScriptArguments, recipe_parser  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -34,11 +34,11 @@ class DPOScriptArguments(ScriptArguments):
 
 
 def make_parser():
-    from trl import DPOConfig, ModelConfig, TrlParser
+    from trl import DPOConfig, ModelConfig
 
     from train.cpu_speed import fast_cpu_overrides
 
-    parser = TrlParser((DPOScriptArguments, DPOConfig, ModelConfig), description=__doc__.split("\n\n")[0])
+    parser = recipe_parser((DPOScriptArguments, DPOConfig, ModelConfig), __doc__.split("\n\n")[0])
     # Hardware-chosen defaults ({} with a GPU); the recipe and the command line still override them.
     parser.set_defaults(**fast_cpu_overrides("dpo"))
     return parser

@@ -162,6 +162,20 @@ def validate_recipe(path: str | Path, dataclass_types) -> dict:
     return config
 
 
+def recipe_parser(dataclass_types, description: str):
+    """TRL's parser, with `--dataset_path` read as `--dataset_name`: the alias given on the command line must beat
+    the recipe's dataset_name, as any flag beats the recipe."""
+    from trl import TrlParser
+
+    class RecipeParser(TrlParser):
+        def parse_args_and_config(self, args=None, *rest, **kwargs):
+            args = list(sys.argv[1:] if args is None else args)
+            args = ["--dataset_name" if a == "--dataset_path" else a for a in args]
+            return super().parse_args_and_config(args, *rest, **kwargs)
+
+    return RecipeParser(dataclass_types, description=description)
+
+
 def config_path_from_argv(argv: list[str]) -> str | None:
     if "--config" in argv:
         i = argv.index("--config")
@@ -179,8 +193,6 @@ def parse_recipe(parser, argv: list[str] | None = None):
         config = validate_recipe(config_path, parser.dataclass_types)
         if "dataset_name" in config and "dataset_path" in config:
             raise RecipeError(f"{config_path}: set dataset_name or its alias dataset_path, not both")
-    # The alias on the command line must beat the recipe's dataset_name, as any flag beats the recipe.
-    argv = ["--dataset_name" if a == "--dataset_path" else a for a in argv]
     parsed = parser.parse_args_and_config(argv)
     if any(getattr(args, "push_to_hub", False) for args in parsed):
         # The Trainer would upload the raw output_dir (checkpoints, TRL's ref/ copy) before the recipe and manifest

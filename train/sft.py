@@ -20,13 +20,13 @@ set_cpu_thread_env()  # before torch loads: OpenMP threads must sleep, not spin,
 
 
 def make_parser():
-    from trl import ModelConfig, SFTConfig, TrlParser
+    from trl import ModelConfig, SFTConfig
 
-    from train.recipe import ScriptArguments
+    from train.recipe import ScriptArguments, recipe_parser
 
     from train.cpu_speed import fast_cpu_overrides
 
-    parser = TrlParser((ScriptArguments, SFTConfig, ModelConfig), description=__doc__.split("\n\n")[0])
+    parser = recipe_parser((ScriptArguments, SFTConfig, ModelConfig), __doc__.split("\n\n")[0])
     # Hardware-chosen defaults ({} with a GPU); the recipe and the command line still override them.
     parser.set_defaults(**fast_cpu_overrides("sft"))
     return parser
