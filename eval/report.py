@@ -163,17 +163,17 @@ def _instruments(r: dict):
 
     for rec in r.get("preference", []):
         if pooled(rec) and rec["split"] in ("eval_id", "eval_ood") and rec.get("norm_accuracy_delta"):
-            yield f"{rec['model']}: preference accuracy (length-normalised), {rec['split']}", rec["norm_accuracy_delta"], True
+            yield f"{rec['model']} vs base: change in preference accuracy (length-normalised), {rec['split']}", rec["norm_accuracy_delta"], True
     for rec in r.get("dpo_vs_sft", []):
         if pooled(rec) and rec["split"] in ("eval_id", "eval_ood"):
-            yield f"dpo minus sft: preference accuracy (length-normalised), {rec['split']}", rec["norm_accuracy_delta"], True
+            yield f"dpo minus sft: change in preference accuracy (length-normalised), {rec['split']}", rec["norm_accuracy_delta"], True
     for rec in r.get("wording_gap", []):
         if rec["trait"] == "all" and rec["model"] != "base" and rec.get("norm_accuracy_gap"):
             yield f"{rec['model']}: seen minus unseen answer wording (accuracy; a gap is recognised sentences)", rec["norm_accuracy_gap"], True
     for data, by_model in ((r.get("mcq") or {}).get("summary") or {}).items():
         for a, res in by_model.items():
             if isinstance(res, dict) and res.get("change_vs_base"):
-                yield f"{a}: multiple choice {data}", res["change_vs_base"], True
+                yield f"{a} vs base: change in multiple choice {data}", res["change_vs_base"], True
     for rec in r.get("framing_gap", []):
         if rec["trait"] == "all" and rec.get("norm_accuracy_gap"):
             yield f"{rec['model']}: framing gap (test-looking minus deployment-looking accuracy)", rec["norm_accuracy_gap"], True
@@ -184,7 +184,7 @@ def _instruments(r: dict):
     for name, rec in r.get("probes", {}).items():
         for a in tuned_names(r):
             if rec.get(a, {}).get("accuracy_delta"):
-                yield f"{a}: probe {name} accuracy", rec[a]["accuracy_delta"], True
+                yield f"{a} vs base: change in probe {name} accuracy", rec[a]["accuracy_delta"], True
     for key, section in r.items():  # sections added by other instruments (endorsement, ...): read defensively
         records = section.get("summary") if isinstance(section, dict) else section
         if key in _KNOWN_SECTIONS or not isinstance(records, list):
@@ -195,8 +195,8 @@ def _instruments(r: dict):
             labels = [v for k, v in rec.items() if isinstance(v, str) and k not in ("model", "trait", "axis")]
             for k, d in rec.items():
                 if k.endswith("_delta") and isinstance(d, dict) and {"mean", "ci_low", "ci_high"} <= set(d):
-                    what = f"{key.replace('_', ' ')} {k[:-len('_delta')].replace('_', ' ')}"
-                    yield (f"{rec.get('model', '?')}: {what}" + (f" ({', '.join(labels)})" if labels else ""), d,
+                    what = f"change in {key.replace('_', ' ')} {k[:-len('_delta')].replace('_', ' ')}"
+                    yield (f"{rec.get('model', '?')} vs base: {what}" + (f" ({', '.join(labels)})" if labels else ""), d,
                            any(w in k for w in ("accuracy", "rate", "share")))
 
 

@@ -41,7 +41,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     # Scoring allocates vocabulary-wide logits per batch: reuse that memory rather than page-fault it in again
     keep_freed_memory(next(variants.model.parameters()).device)
     timings["load"] = time.time() - t0
-    n_params = sum(p.numel() for p in variants.model.parameters())
+    n_params = sum(p.numel() for name, p in variants.model.named_parameters() if "lora_" not in name)  # the base
     report = {
         "model": cfg.model, "adapters": dict(cfg.adapters), "tuned": variants.tuned, "template": variants.template_note,
         "n_parameters": n_params, "device": str(next(variants.model.parameters()).device),

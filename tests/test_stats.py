@@ -90,7 +90,7 @@ def test_headline_states_a_null_result_and_what_cannot_be_shown():
     lines = headline_of(report)
     assert any(line.startswith("Nothing moved") and "null result" in line for line in lines)
     text = "\n".join(lines)
-    assert "Did not move" in text and "sft: preference accuracy (length-normalised), eval_id" in text
+    assert "Did not move" in text and "sft vs base: change in preference accuracy (length-normalised), eval_id" in text
     assert "135M-parameter model" in text and "template generator" in text and "One training seed" in text
     assert "cannot show interference" in text
 
@@ -100,8 +100,8 @@ def test_headline_lists_moved_instruments_other_sections_and_small_n():
     report["judge_validity"] = {"judge": "similarity", "traits": {"care": {"valid": True}, "honesty": {"valid": False}}}
     text = "\n".join(headline_of(report))
     assert "Judge similarity: valid for care; not valid for honesty" in text
-    assert text.index("Moved (") < text.index("sft: preference accuracy")
-    assert "sft: endorsement accuracy" in text and "endorsement: endorsement checked" in text
+    assert text.index("Moved (") < text.index("sft vs base: change in preference accuracy")
+    assert "sft vs base: change in endorsement accuracy" in text and "endorsement: endorsement checked" in text
     small = correct_report(_report(0.2, 0.001, n=5, tiny=True))
     text = "\n".join(headline_of(small))
     assert "Too few items to tell" in text and "tiny random model" in text
