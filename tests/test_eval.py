@@ -2,8 +2,6 @@
 builders (adapters, DPO data) that the other eval tests import."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest

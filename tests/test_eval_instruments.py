@@ -4,7 +4,6 @@ only measures topicality must be caught)."""
 
 import json
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest

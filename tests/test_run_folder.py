@@ -6,11 +6,10 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from train_fixtures import write_dataset
+from train_fixtures import wait_for, write_dataset
 
 from train import dpo, sft
 from train.recipe import parse_recipe
@@ -57,15 +56,6 @@ def test_rerun_of_a_finished_run_with_the_same_recipe_trains_nothing(tiny_model_
     assert _snapshot(out) == before
 
 
-def _wait_for(predicate, timeout):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def test_second_writer_is_refused_while_the_first_runs(tiny_model_dir, tmp_path):
     data = write_dataset(tmp_path / "data", n_train=16)
     out = tmp_path / "sft"
@@ -73,7 +63,7 @@ def test_second_writer_is_refused_while_the_first_runs(tiny_model_dir, tmp_path)
     first = subprocess.Popen([sys.executable, "-m", "train.sft", *args], cwd=REPO,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        assert _wait_for(lambda: (out / "checkpoint-2" / "trainer_state.json").exists(), 120), "no checkpoint"
+        assert wait_for(lambda: (out / "checkpoint-2" / "trainer_state.json").exists(), 120), "no checkpoint"
         with pytest.raises(RuntimeError, match=r"in use by another run"):
             run_stage(sft, *args)
         first.send_signal(signal.SIGKILL)

@@ -5,14 +5,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
-from train_fixtures import sft_rows, write_dataset
+from train_fixtures import sft_rows, wait_for, write_dataset
+from wandb_records import records
 
 from train import dpo, sft
 from train.recipe import RecipeError, parse_recipe, validate_recipe
@@ -146,26 +145,6 @@ def test_bad_recipe_fails_from_the_command_line_before_any_model_loads(tmp_path)
     assert "Traceback" not in proc.stderr
 
 
-def read_wandb_records(path: Path):
-    """Records of a W&B transaction log (.wandb): LevelDB-style log, 32 KiB blocks, 7-byte headers."""
-    data, pos, block, pending = path.read_bytes(), 7, 32768, b""
-    assert data[:4] == b":W&B"
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:  # block trailer too short for a header: zero padding
-            pos += block - pos % block
-            continue
-        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
-        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
-        if kind == 1:
-            yield chunk
-        elif kind == 2:
-            pending = chunk
-        elif kind == 3:
-            pending += chunk
-        elif kind == 4:
-            yield pending + chunk
-
-
 def test_wandb_is_offline_by_default_and_the_run_holds_metrics(tiny_model_dir, data_dir, tmp_path):
     from wandb.proto import wandb_internal_pb2
 
@@ -181,7 +160,7 @@ def test_wandb_is_offline_by_default_and_the_run_holds_metrics(tiny_model_dir, d
     runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, "one offline run under the experiment folder, no login needed"
     losses, config, group = [], {}, None
-    for raw in read_wandb_records(next(runs[0].glob("run-*.wandb"))):
+    for raw in records(next(runs[0].glob("run-*.wandb"))):
         record = wandb_internal_pb2.Record()
         record.ParseFromString(raw)
         kind = record.WhichOneof("record_type")
@@ -199,21 +178,12 @@ def test_wandb_is_offline_by_default_and_the_run_holds_metrics(tiny_model_dir, d
     assert "ScriptArguments" in config and json.loads(config["learning_rate"]) == 0.001
 
 
-def _wait_for(predicate, timeout):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def test_killed_run_resumes_from_last_checkpoint(tiny_model_dir, data_dir, tmp_path, no_wandb_env):
     out = tmp_path / "killed"
     args = sft_args(tiny_model_dir, data_dir, out, "--max_steps", "30", "--save_steps", "5", "--logging_steps", "5")
     proc = subprocess.Popen([PY, "-m", "train.sft", *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        assert _wait_for(lambda: (out / "checkpoint-5" / "trainer_state.json").exists(), 120), "no checkpoint"
+        assert wait_for(lambda: (out / "checkpoint-5" / "trainer_state.json").exists(), 120), "no checkpoint"
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
     finally:

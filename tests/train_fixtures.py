@@ -1,5 +1,6 @@
 """Small synthetic datasets in the data_gen layout (docs/CONTRACT.md), for the training tests."""
 
+import time
 from pathlib import Path
 
 from datasets import Dataset, DatasetDict
@@ -83,3 +84,13 @@ def write_dataset(data_dir: Path, n_train: int = 16, sft: list[dict] | None = No
          "eval_ood": Dataset.from_list(dpo_rows(4, "eval_ood"))}
     ).save_to_disk(str(data_dir / "dpo"))
     return data_dir
+
+
+def wait_for(predicate, timeout: float) -> bool:
+    """Poll `predicate` until it holds or `timeout` seconds pass (a subprocess reaching a checkpoint)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
