@@ -1,10 +1,10 @@
 """`python -m eval aggregate --runs DIR [DIR ...] --out DIR`: merge eval runs of several training seeds into one report.
 
-Every summary ({mean, ci_low, ci_high, n}) becomes the mean of the run means with a 95% t interval from their
-spread (k - 1 degrees of freedom: with 3 runs the factor is 4.30, not 1.96); `per_run` keeps each run's value,
-`n` stays the items per run (never summed) and changes get a one-sample t-test p-value, corrected across each
-table when the report is written. The runs must have scored the same items: the same data and eval recipe, with
-only the adapters' training seed differing.
+Every summary ({mean, ci_low, ci_high, n}) becomes the mean of the run means; its interval combines the t interval
+of their spread (k - 1 degrees of freedom: with 3 runs the factor is 4.30, not 1.96) with the item-level interval
+the runs share (`eval.stats.across_runs`). `per_run` keeps each run's value, `n` stays the items per run (never
+summed), and changes get a p-value corrected across each table when the report is written. The runs must have
+scored the same items: the same data and eval recipe, with only the adapters' training seed differing.
 """
 
 from __future__ import annotations

@@ -213,8 +213,9 @@ def _limits(r: dict) -> list[str]:
                    "wording rather than hold the trait (the seen vs unseen wording gap measures part of that), and "
                    "eval_ood shifts domain, format, pressure and framing only within that family.")
     if r.get("n_runs", 1) > 1:
-        out.append(f"{r['n_runs']} training seeds on one data set and one set of eval items: intervals cover seed-to-"
-                   "seed variation of training, not a new sample of data or items.")
+        out.append(f"{r['n_runs']} training seeds on one generated data set: intervals combine seed-to-seed variation "
+                   "of training with the sampling of this one set of eval items, not a new draw of the data (another "
+                   "generator seed or generator).")
     else:
         out.append("One training seed: intervals cover the eval items only, not seed-to-seed variation (seed "
                    "variance is large in fine-tuning; run scripts/quickstart.sh --seeds 3).")
@@ -373,11 +374,13 @@ def _statistics_note(r: dict) -> list[str]:
     if r.get("n_runs", 1) > 1:
         seeds = r.get("seeds") or []
         seeds = f" (training seeds {', '.join(str(x) for x in seeds)})" if any(x is not None for x in seeds) else ""
-        how = (f"Aggregated over {r['n_runs']} runs{seeds}: {', '.join(r.get('runs', []))}. Each "
-               "value is the mean of the per-seed values (listed after it); its 95% interval is a t interval from their "
-               f"spread ({r['n_runs'] - 1} degree{'s' if r['n_runs'] > 2 else ''} of freedom), and a change's p-value is a one-sample t-test across "
-               "seeds. n is the items per seed (the same items in every seed), never a sum. Where every seed gave the "
-               "same value the spread says nothing and the first seed's item-level interval is shown.")
+        how = (f"Aggregated over {r['n_runs']} runs{seeds}: {', '.join(r.get('runs', []))}. Each value is the mean "
+               "of the per-seed values (listed after it). Every seed scored the same items, so the items' sampling error "
+               "does not shrink with seeds: the 95% half-width combines the t half-width of the seeds' spread "
+               f"({r['n_runs'] - 1} degree{'s' if r['n_runs'] > 2 else ''} of freedom) with the seeds' mean item-bootstrap "
+               "half-width, sqrt(h_seed^2 + h_item^2). A change's p-value is the larger of a one-sample t-test across "
+               "seeds and the largest per-seed item-level test (exact sign test): a change must hold across seeds and "
+               "within each seed's items. n is the items per seed, never a sum.")
     else:
         how = ("Intervals are 95% bootstrap intervals over items (pairs, texts, questions), seeded for reproducibility. "
                "A change's p-value is an exact sign test over the same items (McNemar's test for accuracy).")

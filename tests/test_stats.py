@@ -36,9 +36,11 @@ def test_min_n_rule():
 
 
 def test_three_seeds_use_the_t_distribution_and_never_sum_n():
-    runs = [{"mean": m, "ci_low": m - 0.05, "ci_high": m + 0.05, "n": 48, "significant": True} for m in (0.1, 0.2, 0.3)]
+    runs = [{"mean": m, "ci_low": m - 0.05, "ci_high": m + 0.05, "n": 48, "significant": True, "p_value": 0.01}
+            for m in (0.1, 0.2, 0.3)]
     out = across_runs(runs)
-    half = 4.302652729911275 * 0.1 / np.sqrt(3)
+    h_seed = 4.302652729911275 * 0.1 / np.sqrt(3)
+    half = np.hypot(h_seed, 0.05)  # the items are shared by every seed: their error is added back, not averaged away
     assert out["mean"] == pytest.approx(0.2)
     assert out["ci_low"] == pytest.approx(0.2 - half) and out["ci_high"] == pytest.approx(0.2 + half)
     assert out["n"] == out["n_per_run"] == 48 and out["n_runs"] == 3 and out["per_run"] == pytest.approx([0.1, 0.2, 0.3])
@@ -47,11 +49,20 @@ def test_three_seeds_use_the_t_distribution_and_never_sum_n():
     assert out["ci_low"] < 0 and not out["significant"]  # all three seeds positive, and still not shown
 
 
+def test_a_change_must_hold_within_each_seeds_items_too():
+    # three seeds that agree closely, each on items too few to tell: the seed spread alone would call it real
+    runs = [{"mean": m, "ci_low": m - 0.10, "ci_high": m + 0.12, "n": 20, "significant": False, "p_value": 0.5}
+            for m in (0.050, 0.051, 0.049)]
+    out = across_runs(runs)
+    assert out["half_width_seeds"] < 0.01 and out["ci_low"] < 0 and out["p_value"] == 0.5
+    assert verdict(out) == "within noise"
+
+
 def test_identical_runs_keep_an_item_interval_not_a_zero_width_one():
     run = {"mean": 0.2, "ci_low": 0.05, "ci_high": 0.35, "n": 48, "significant": True, "p_value": 0.01}
     out = across_runs([run, dict(run)])
-    assert (out["ci_low"], out["ci_high"]) == (0.05, 0.35) and out["p_value"] == 0.01
-    assert out["interval"].startswith("item bootstrap")
+    assert (out["ci_low"], out["ci_high"]) == pytest.approx((0.05, 0.35)) and out["p_value"] == 0.01
+    assert out["half_width_seeds"] == 0
 
 
 def _change(mean, p, n=48):
