@@ -159,4 +159,4 @@ def test_aggregated_report_shows_each_seed_and_the_pooled_value(tmp_path):
     assert cell["n"] == 48 and cell["n_runs"] == 3 and cell["verdict"] == "within noise"
     md = (tmp_path / "agg" / "report.md").read_text()
     assert md.index("## Headline") < md.index("## How to read the statistics") < md.index("## Trait preference")
-    assert "(seeds: 10.0%, 20.0%, 30.0%)" in md and "t interval" in md and "3 training seeds" in md
+    assert "(seeds: 10.0%, 20.0%, 30.0%)" in md and "t half-width of the seeds' spread" in md and "3 training seeds" in md
