@@ -5,6 +5,7 @@ import sys
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads; see train/cpu_speed.py
 
+from .generate import EmptySplitError, OutputDirError
 from .leakage import LeakageError
 from .recipe import RecipeError
 from .spec import SpecError
@@ -16,12 +17,12 @@ def run(argv=None):
     if argv and argv[0] == "teacher":
         from .teacher import RequestFailed, main
 
-        errors = (RecipeError, SpecError, BadRowError, LeakageError, RequestFailed)
+        errors = (RecipeError, SpecError, BadRowError, LeakageError, OutputDirError, EmptySplitError, RequestFailed)
         argv = argv[1:]
     else:
         from .generate import main
 
-        errors = (RecipeError, SpecError, BadRowError, LeakageError)
+        errors = (RecipeError, SpecError, BadRowError, LeakageError, OutputDirError, EmptySplitError)
     try:
         main(argv)
     except errors as e:

@@ -22,6 +22,20 @@ from .spec import FORMATS, SpecError, load_trait_spec, resolve_trait_path
 from .user_jsonl import BadRowError, read_user_jsonl
 
 SPLITS = ("train", "eval_id", "eval_ood")
+# What a run writes into output_dir; anything else found there (a teacher cache) is carried into the new dataset.
+OUTPUTS = {"sft", "dpo", "jsonl", "README.md", RECORD, PUSHED}
+# Files data_gen may leave in output_dir before the dataset exists (the teacher's default cache).
+PRE_OUTPUTS = {"teacher_cache.jsonl"}
+SPLIT_KEYS = {"train": "sft_train_per_trait / dpo_train_per_trait, the user rows or the teacher's kept rows",
+              "eval_id": "eval_id_per_trait", "eval_ood": "eval_ood_per_axis_per_trait"}
+
+
+class OutputDirError(ValueError):
+    pass
+
+
+class EmptySplitError(ValueError):
+    pass
 
 
 @dataclass
@@ -103,6 +117,7 @@ def load_specs(cfg):
 
 def build(cfg: DataGenConfig):
     """Generate, add user rows, check leakage. Returns (specs, data[kind][split] -> rows, skipped, leak_checks)."""
+    check_output_dir(Path(cfg.output_dir))
     specs = load_specs(cfg)
     extra, skipped = {"sft": [], "dpo": []}, {}
     for kind, path in (("sft", cfg.extra_sft_jsonl), ("dpo", cfg.extra_dpo_jsonl)):
@@ -133,6 +148,7 @@ def build(cfg: DataGenConfig):
         data[kind]["train"] += extra[kind]
 
     check_heldout(specs, data, cfg.heldout_formats)
+    check_splits(data)
     train = [(r["id"], prompt_text(r["prompt"])) for r in data["dpo"]["train"]]
     train += [(r["id"], prompt_text(r["messages"][:-1])) for r in data["sft"]["train"]]
     evals = [(r["id"], prompt_text(r["prompt"])) for s in ("eval_id", "eval_ood") for r in data["dpo"][s]]
@@ -154,6 +170,40 @@ def check_heldout(specs, data, heldout_formats):
         for r in data[kind]["train"]:
             if (r["trait"], r["domain"]) in heldout_domains or r["format"] in heldout_formats:
                 raise AssertionError(f"train row {r['id']} uses held-out domain/format {r['domain']}/{r['format']}")
+
+
+def check_output_dir(out_dir: Path):
+    """Only a folder data_gen wrote (or an empty or missing one) may be replaced by a new dataset."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputDirError(f"output_dir {out_dir} is a file, not a folder")
+    if not out_dir.is_dir() or (out_dir / RECORD).is_file():
+        return
+    foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in PRE_OUTPUTS)
+    if foreign:
+        raise OutputDirError(f"output_dir {out_dir} is not empty and was not written by data_gen (no {RECORD}; "
+                             f"holds {foreign[:5]}); refusing to overwrite it: choose another output_dir")
+
+
+def check_splits(data):
+    """An empty split makes `datasets` fail with an unreadable "Keys mismatch"; say which split and which key."""
+    empty = [f"{kind} {split}" for kind, splits in data.items() for split, rows in splits.items() if not rows]
+    if empty:
+        keys = sorted({SPLIT_KEYS[e.split()[1]] for e in empty})
+        raise EmptySplitError(f"split(s) {empty} would have no rows; every split needs at least one (check {keys})")
+
+
+def swap_in(stage: Path, out_dir: Path):
+    """Replace out_dir by the finished stage folder; the old dataset is deleted only once the new one is in place."""
+    if out_dir.is_dir():
+        for p in out_dir.iterdir():
+            if p.name not in OUTPUTS:  # a teacher cache: the new dataset's folder keeps it
+                (shutil.copytree if p.is_dir() else shutil.copy2)(p, stage / p.name)
+        old = stage.with_name(stage.name + ".old")
+        os.replace(out_dir, old)
+        os.replace(stage, out_dir)
+        shutil.rmtree(old)
+    else:
+        os.replace(stage, out_dir)
 
 
 def _features(kind):
@@ -192,12 +242,34 @@ def write_dataset(data, out_dir: Path):
 
 def finish(cfg, specs, data, skipped, leak_checks, generator):
     """Write dataset and card, optionally push. Shared by the offline and teacher generators."""
-    from .card import diversity, length_balance, write_card
-
     out_dir = Path(cfg.output_dir)
+    check_output_dir(out_dir)
+    check_splits(data)
     for kind in data:
         for r in data[kind]["train"]:  # user and teacher rows: whatever their wording, it is what training sees
             r.setdefault("wording", "seen")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # Written whole in a sibling folder and renamed in: a crash never leaves splits of two runs under one card.
+    stage = out_dir.with_name(f".{out_dir.name}.staging-{os.getpid()}")
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
+    try:
+        sizes, div = _write_all(cfg, specs, data, skipped, leak_checks, generator, stage)
+        swap_in(stage, out_dir)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    log(f"wrote {out_dir}: " + ", ".join(f"{k} {v}" for k, v in sizes.items()))
+    if cfg.push_to_hub:
+        push(out_dir, cfg)
+    if cfg.wandb:
+        log_data_run(out_dir, cfg, sizes, div, leak_checks)
+    return sizes, div
+
+
+def _write_all(cfg, specs, data, skipped, leak_checks, generator, out_dir: Path):
+    from .card import diversity, length_balance, write_card
+
     write_dataset(data, out_dir)
     sizes = {kind: {s: len(rows) for s, rows in splits.items()} for kind, splits in data.items()}
     axes = {a: sum(r["axis"] == a for r in data["dpo"]["eval_ood"]) for a in OOD_AXES}
@@ -205,14 +277,9 @@ def finish(cfg, specs, data, skipped, leak_checks, generator):
     div = diversity([prompt_text(r["prompt"]) for r in train], [r["chosen"][0]["content"] for r in train],
                     [r["rejected"][0]["content"] for r in train], embedding=cfg.leakage_embedding_check, threshold=cfg.near_duplicate_threshold,
                     sample=cfg.diversity_sample, seed=cfg.seed)
-    (out_dir / PUSHED).unlink(missing_ok=True)  # a record of an earlier push describes other data
+    # An earlier push's record (hub_push.json) is not carried over: it describes other data.
     write_card(out_dir, cfg=cfg, specs=specs, sizes=sizes, axes=axes, div=div, skipped=skipped,
                leak_checks=leak_checks, generator=generator, lengths=length_balance(data["dpo"]))
-    log(f"wrote {out_dir}: " + ", ".join(f"{k} {v}" for k, v in sizes.items()))
-    if cfg.push_to_hub:
-        push(out_dir, cfg)
-    if cfg.wandb:
-        log_data_run(out_dir, cfg, sizes, div, leak_checks)
     return sizes, div
 
 

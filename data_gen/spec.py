@@ -113,9 +113,14 @@ def _check_keys(path, field, data, expected, optional=()):
 
 def _placeholders(template: str, path, field) -> set:
     try:
-        return {name for _, name, _, _ in string.Formatter().parse(template) if name}
+        names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
     except ValueError as e:
         raise SpecError(f"{path}: field '{field}' is not a valid template ({e}): {template!r}") from None
+    # `{}` or `{0}` parses, then fails when the generator fills slots by name.
+    if any(not name or name.isdigit() for name in names):
+        raise SpecError(f"{path}: field '{field}' has an unnamed placeholder ({{}} or {{0}}) in {template!r}; "
+                        "name the slot, e.g. {request}")
+    return set(names)
 
 
 def load_trait_spec(path) -> TraitSpec:

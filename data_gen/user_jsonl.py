@@ -7,6 +7,8 @@ and counted instead (the count goes into the dataset card and the log).
 import json
 from pathlib import Path
 
+from .spec import FORMATS
+
 ROLES = {"system", "user", "assistant", "tool"}
 _OPTIONAL = {"trait", "domain", "format", "failure_mode", "id"}
 REQUIRED = {"sft": {"messages"}, "dpo": {"prompt", "chosen", "rejected"}}
@@ -48,6 +50,19 @@ def infer_format(prompt) -> str:
     return "system_prompt" if "system" in roles else "single_turn"
 
 
+def checked_format(obj, prompt) -> str:
+    """The row's format label, which must agree with its messages: held-out formats are kept out of train by label."""
+    found = infer_format(prompt)
+    label = obj.get("format", found)
+    if label not in FORMATS:
+        raise BadRowError(f"'format' must be one of {list(FORMATS)}, got {label!r}")
+    # "json" is a request for JSON in the text: the messages look single-turn or system-prompted.
+    if label != found and not (label == "json" and found in ("single_turn", "system_prompt")):
+        raise BadRowError(f"'format' is {label!r} but the messages are {found!r} (roles: "
+                          f"{[m['role'] for m in prompt]}); fix the label or leave it out to have it inferred")
+    return label
+
+
 def parse_row(obj, kind: str, line: int) -> dict:
     if not isinstance(obj, dict):
         raise BadRowError("a row must be a JSON object")
@@ -66,7 +81,7 @@ def parse_row(obj, kind: str, line: int) -> dict:
         msgs = _messages(obj["messages"], "messages")
         if msgs[-1]["role"] != "assistant" or not any(m["role"] == "user" for m in msgs):
             raise BadRowError("'messages' must contain a user turn and end with an assistant turn")
-        return {"messages": msgs, **meta, "format": obj.get("format", infer_format(msgs[:-1])), "id": rid}
+        return {"messages": msgs, **meta, "format": checked_format(obj, msgs[:-1]), "id": rid}
     prompt = _messages(obj["prompt"], "prompt")
     if prompt[-1]["role"] != "user":
         raise BadRowError("'prompt' must end with a user turn")
@@ -75,7 +90,7 @@ def parse_row(obj, kind: str, line: int) -> dict:
         raise BadRowError("'chosen' and 'rejected' are identical")
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected, **{k: meta[k] for k in ("trait", "split", "axis")},
             "failure_mode": obj.get("failure_mode", "user"), "domain": meta["domain"],
-            "format": obj.get("format", infer_format(prompt)), "framing": "", "pair_id": "", "id": rid}
+            "format": checked_format(obj, prompt), "framing": "", "pair_id": "", "id": rid}
 
 
 def read_user_jsonl(path, kind: str, skip_bad_rows: bool = False):
@@ -84,11 +99,15 @@ def read_user_jsonl(path, kind: str, skip_bad_rows: bool = False):
     if not path.exists():
         raise BadRowError(f"{path}: file not found")
     rows, skipped = [], []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, start=1):
             try:
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise BadRowError(f"not valid UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
+                if not line.strip():
+                    continue
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
