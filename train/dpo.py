@@ -224,6 +224,9 @@ def _train(script_args, training_args, model_args, held):
     state.print(f"Saved adapter to {training_args.output_dir}")
     inputs = [dataset_name] + ([script_args.sft_adapter] if script_args.sft_adapter else [])
     finish_training_run("dpo", training_args, script_args, manifest, inputs=inputs)
+    # Ranks leave together: rank 0 still writes the run's files, and a rank that tears the process group down
+    # meanwhile was seen to leave the launch hanging (gloo, 2 CPU processes).
+    state.wait_for_everyone()
     trainer.end()
     return training_args.output_dir
 

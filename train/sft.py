@@ -158,6 +158,9 @@ def _train(script_args, training_args, model_args, held):
     save_run(trainer, recipe, manifest)
     state.print(f"Saved adapter to {training_args.output_dir}")
     finish_training_run("sft", training_args, script_args, manifest, inputs=[dataset_name])
+    # Ranks leave together: rank 0 still writes the run's files, and a rank that tears the process group down
+    # meanwhile was seen to leave the launch hanging (gloo, 2 CPU processes).
+    state.wait_for_everyone()
     trainer.end()
     return training_args.output_dir
 
