@@ -71,6 +71,17 @@ def own_run_folder(output_dir: str, is_main_process: bool = True):
         lock.release()
 
 
+def claim_run_folder(held, stage: str, training_args, recipe: dict, data_sha256: str, state):
+    """Own output_dir for this launch (the lock lives as long as `held`) and decide what the run does there:
+    `claim_run`'s ("finished" | "resume" | "fresh", checkpoint). Both training scripts start this way."""
+    held.enter_context(own_run_folder(training_args.output_dir, state.is_main_process))
+    todo, resume = claim_run(training_args.output_dir, run_fingerprint(stage, recipe, data_sha256, state.num_processes),
+                             training_args.resume_from_checkpoint, state.is_main_process)
+    if todo == "finished":
+        state.print(f"{training_args.output_dir} already finished this run (same recipe and data): nothing to train")
+    return todo, resume
+
+
 def run_fingerprint(stage: str, recipe: dict, data_sha256: str, world_size: int) -> dict:
     """What must be equal for a resumed run to continue the same training."""
     return {

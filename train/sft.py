@@ -58,12 +58,10 @@ def _train(script_args, training_args, model_args, held):
         assert_adapter_changed,
         checked_strategy,
         checkpoint_step,
-        claim_run,
+        claim_run_folder,
         dataset_sha256,
         final_metrics,
         lora_snapshot,
-        own_run_folder,
-        run_fingerprint,
         save_run,
     )
     from train.recipe import resolved_recipe
@@ -100,13 +98,10 @@ def _train(script_args, training_args, model_args, held):
     check_renderable(dataset, tokenizer)
     trainable_tokens = check_trainable_tokens(dataset, *mask_args)
 
-    held.enter_context(own_run_folder(training_args.output_dir, state.is_main_process))
     recipe = resolved_recipe(script_args, training_args, model_args)
     data_sha256 = dataset_sha256(dataset)
-    todo, resume = claim_run(training_args.output_dir, run_fingerprint("sft", recipe, data_sha256, state.num_processes),
-                             training_args.resume_from_checkpoint, state.is_main_process)
+    todo, resume = claim_run_folder(held, "sft", training_args, recipe, data_sha256, state)
     if todo == "finished":
-        state.print(f"{training_args.output_dir} already finished this run (same recipe and data): nothing to train")
         return training_args.output_dir
     resumed_at_step = checkpoint_step(resume)  # read now: checkpoint rotation may delete the folder
     setup_wandb(training_args, script_args, "sft", resuming=resume is not None)
