@@ -19,14 +19,15 @@ from eval.stats import across_runs
 
 SUMMARY = {"mean", "ci_low", "ci_high", "n"}
 # Written per report by write_report, or facts of one run rather than measurements
-NOT_MERGED = ("model_index_results", "model_index_results_by_adapter", "plots", "multiple_comparisons", "timings")
+NOT_MERGED = ("model_index_results", "model_index_results_by_adapter", "plots", "multiple_comparisons", "timings",
+              "not_computed")
 
 
 def _merge(values: list):
     first = values[0]
     if isinstance(first, dict):
-        if SUMMARY <= set(first):
-            return across_runs(values)
+        if SUMMARY <= set(first):  # a number a run could not compute is null in its report.json
+            return across_runs([{k: float("nan") if v is None else v for k, v in d.items()} for d in values])
         keys = [k for k in first if all(isinstance(v, dict) and k in v for v in values)]
         return {k: _merge([v[k] for v in values]) for k in keys}
     if isinstance(first, list) and first and isinstance(first[0], dict) and any(k in first[0] for k in ("trait", "model")):

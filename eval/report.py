@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
+import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +80,16 @@ def model_index_results(report: dict, adapter: str) -> list[dict]:
     return out
 
 
+def _finite_metrics(results: list[dict]) -> list[dict]:
+    """A card metric that could not be computed is left out (train.publish refuses one), not written as NaN."""
+    out = []
+    for r in results:
+        metrics = [m for m in r["metrics"] if math.isfinite(m["value"])]
+        if metrics:
+            out.append({**r, "metrics": metrics})
+    return out
+
+
 def write_report(report: dict, out_dir: str | Path) -> dict:
     out = Path(out_dir)
     (out / "plots").mkdir(parents=True, exist_ok=True)
@@ -84,12 +97,52 @@ def write_report(report: dict, out_dir: str | Path) -> dict:
     correct_report(report)
     report.setdefault("adapter_traits", {a: trained_traits(d) for a, d in report.get("adapters", {}).items()})
     report.setdefault("data_generator", _data_generator(report.get("config", {}).get("dataset_path")))
-    report["model_index_results_by_adapter"] = {a: model_index_results(report, a) for a in tuned}
+    report["model_index_results_by_adapter"] = {a: _finite_metrics(model_index_results(report, a)) for a in tuned}
     report["model_index_results"] = report["model_index_results_by_adapter"].get(tuned[-1], []) if tuned else []
     report["plots"] = make_plots(report, out / "plots")
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=_json_default))
-    (out / "report.md").write_text(render_markdown(report))
+    report["not_computed"] = non_finite_paths(report)
+    markdown = render_markdown(report)
+    if report["not_computed"]:  # said once at the top, and no "nan" printed in a table
+        markdown = NAN_WORD.sub("n/a", markdown.replace(
+            "## Headline\n", "## Headline\n\nNot computed (no finite value; n/a below): "
+            + ", ".join(f"`{p}`" for p in report["not_computed"]) + "\n", 1))
+    _write_atomic(out / "report.json", json.dumps(_finite_or_none(report), indent=2, default=_json_default,
+                                                  allow_nan=False))
+    _write_atomic(out / "report.md", markdown)
     return report
+
+
+NAN_WORD = re.compile(r"(?<![\w.])-?(?:nan|inf)(?![\w])")
+
+
+def non_finite_paths(obj, path="") -> list[str]:
+    """Key paths of every NaN or infinite number in a report (a measurement that had nothing to measure)."""
+    if isinstance(obj, dict):
+        return [p for k, v in obj.items() for p in non_finite_paths(v, f"{path}.{k}" if path else str(k))]
+    if isinstance(obj, (list, tuple)):
+        return [p for i, v in enumerate(obj) for p in non_finite_paths(v, f"{path}[{i}]")]
+    if isinstance(obj, (float, np.floating)) and not math.isfinite(obj):
+        return [path]
+    return []
+
+
+def _finite_or_none(obj):
+    """The report as strict JSON: a number that could not be computed is null (listed in `not_computed`)."""
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_none(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _finite_or_none(obj.tolist())
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    return obj
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _json_default(x):

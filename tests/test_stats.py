@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from eval.stats import MIN_N, across_runs, correct_report, holm, sign_test_p, verdict
+from eval.stats import MIN_N, across_runs, bootstrap_ci, correct_report, holm, sign_test_p, verdict
 
 
 def test_holm_on_known_p_values():
@@ -160,3 +160,54 @@ def test_aggregated_report_shows_each_seed_and_the_pooled_value(tmp_path):
     md = (tmp_path / "agg" / "report.md").read_text()
     assert md.index("## Headline") < md.index("## How to read the statistics") < md.index("## Trait preference")
     assert "(seeds: 10.0%, 20.0%, 30.0%)" in md and "t half-width of the seeds' spread" in md and "3 training seeds" in md
+
+
+def test_bootstrap_memory_stays_bounded_as_items_grow():
+    import tracemalloc
+
+    values = np.random.default_rng(0).random(200_000)
+    tracemalloc.start()
+    lo, hi = bootstrap_ci(values, n_boot=200)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    # One (n_boot, n) index array plus its gather would be 2 x 320 MB here.
+    assert peak < 128 * 2**20, f"bootstrap peaked at {peak / 2**20:.0f} MiB"
+    assert lo < values.mean() < hi
+
+
+def test_bootstrap_blocks_give_the_one_shot_interval_below_one_block():
+    v = np.random.default_rng(1).random(300)
+    rng = np.random.default_rng(7)
+    means = v[rng.integers(0, v.size, size=(500, v.size))].mean(axis=1)
+    assert bootstrap_ci(v, n_boot=500, seed=7) == tuple(float(x) for x in np.quantile(means, [0.025, 0.975]))
+
+
+def test_no_nan_reaches_report_json_or_markdown(tmp_path):
+    from eval.report import write_report
+
+    report = _report(0.2, 0.001)
+    del report["endorsement"]
+    report["preference"][0]["norm_accuracy"] = {"mean": float("nan"), "ci_low": float("nan"),
+                                                "ci_high": float("nan"), "n": 0}
+    cell = {"mean": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "n": 0}
+    report["preference"][1].update(accuracy=cell, accuracy_delta=cell, norm_margin=cell, margin=cell)
+    report["preference"][0].update(accuracy=cell, norm_margin=cell, margin=cell)
+    report["forgetting"] = {"drift": {"news": {"n_texts": 9, "base_perplexity": 40.0, "sft": {"kl": {"mean": 0.1, "ci_low": 0.05, "ci_high": 0.2, "n": 9},
+                                                       "nll_delta": {"mean": 0.1, "ci_low": 0.0, "ci_high": 0.2,
+                                                                     "n": 9},
+                                                       "perplexity": float("inf")}}}}
+    write_report(report, tmp_path)
+    strict = json.loads((tmp_path / "report.json").read_text(),
+                        parse_constant=lambda c: pytest.fail(f"report.json holds {c}"))
+    assert "preference[0].norm_accuracy.mean" in strict["not_computed"]
+    assert "forgetting.drift.news.sft.perplexity" in strict["not_computed"]
+    assert strict["preference"][0]["norm_accuracy"]["mean"] is None
+    card = strict["model_index_results_by_adapter"]["sft"]
+    assert [m["name"] for r in card for m in r["metrics"]] == ["Preference accuracy (length-normalised)",
+                                                              "Preference accuracy (length-normalised) change vs base",
+                                                              "Mean per-token KL(tuned || base)"]
+    md = (tmp_path / "report.md").read_text()
+    assert "Not computed" in md and "`forgetting.drift.news.sft.perplexity`" in md
+    import re
+
+    assert not re.search(r"\b(nan|inf)\b", md.replace("`", " ").split("Not computed", 1)[1].split("\n", 1)[1])
