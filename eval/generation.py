@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from eval.chat_endpoint import ChatEndpoint, EndpointError
+from train.chat_endpoint import ChatEndpoint, EndpointError
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the only max_lora_rank values vLLM accepts
 

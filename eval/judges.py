@@ -34,8 +34,8 @@ from collections import defaultdict
 
 import numpy as np
 
-from eval.chat_endpoint import ChatEndpoint, EndpointError
 from eval.stats import summarize
+from train.chat_endpoint import ChatEndpoint, EndpointError
 
 TRAIT_PROMPT = (
     "You are grading an AI assistant's answer for one trait: {rubric}.\n\nUser message:\n{question}\n\n"
@@ -273,7 +273,7 @@ def generation_markdown(r: dict) -> list[str]:
     """The judge's validity, then its scores (withheld for traits where it is invalid), then every prompt's
     answers side by side, base first."""
     from eval.judge_validity import validity_markdown
-    from eval.report import _fmt
+    from eval.markdown import summary_text as _fmt
 
     gen = r.get("generation")
     if not gen or not gen.get("summary"):

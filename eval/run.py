@@ -2,36 +2,19 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import time
 
-from eval.config import SUITES, EvalConfig, check_paths, load_config
-
-
-def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m eval",
-        description="Evaluate a base model and its adapters: trait preference on held-out pairs (per trait, split "
-                    "and out-of-distribution axis), framing gap, cross-trait matrix, forgetting (KL drift, perplexity, "
-                    "capability probes), model diff, and optional generation+judge, MCQ and lm-eval suites. Writes "
-                    "report.md, report.json and plots/ to output_dir. Other commands: `python -m eval mcq --help`, "
-                    "`python -m eval aggregate --help`.",
-        epilog="Any config key can be overridden: --batch_size 4 --suites '[preference]' --adapters '{dpo: runs/x/dpo}'. "
-               f"Suites: {', '.join(SUITES)}. Keys: {', '.join(f.name for f in dataclasses.fields(EvalConfig))}.",
-    )
-    p.add_argument("--config", help="eval recipe YAML (see recipes/quickstart/eval.yaml)")
-    return p
+from eval.config import EvalConfig, check_paths, parse_config
 
 
 def evaluate(cfg: EvalConfig) -> dict:
     import torch
 
-    from eval.variants import load_variants
-    from train.cpu_speed import keep_freed_memory
-
     from eval.trait_specs import preflight
+    from eval.variants import load_variants
+    from train.hardware import keep_freed_memory
 
     check_paths(cfg)  # a bad path fails here, not after the suites before it have run
     specs = preflight(cfg)  # a trait without the spec sections a suite needs fails here, before any model loads
@@ -56,8 +39,16 @@ def evaluate(cfg: EvalConfig) -> dict:
         return result
 
     if "preference" in cfg.suites:
-        from eval.preference import (cross_trait_matrix, drop_unrenderable, framing_gap, length_stats, load_pairs,
-                                     preference_tables, score_pairs, wording_gap)
+        from eval.preference import (
+            cross_trait_matrix,
+            drop_unrenderable,
+            framing_gap,
+            length_stats,
+            load_pairs,
+            preference_tables,
+            score_pairs,
+            wording_gap,
+        )
 
         rows = load_pairs(cfg.dataset_path, cfg.max_pairs_per_split, cfg.seed)
         rows, report["preference_skipped"] = drop_unrenderable(rows, variants.tokenizer)
@@ -101,9 +92,8 @@ def evaluate(cfg: EvalConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args, rest = make_parser().parse_known_args(argv)
     try:  # a bad key or type fails here, before any model is loaded
-        cfg = load_config(args.config, rest)
+        cfg = parse_config(argv)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")

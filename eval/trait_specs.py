@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from data_gen.spec import SpecError, TraitSpec, load_trait_spec, resolve_trait_path
+from data_gen.spec import SpecError, TraitSpec, builtin_trait_path, load_trait_spec, resolve_trait_path
 
 
 def dataset_traits(dataset_path: str) -> list[str]:
@@ -33,7 +33,7 @@ def load_specs(traits: list[str], trait_specs: list[str]) -> dict[str, TraitSpec
             out[t] = listed[t]
             continue
         try:
-            out[t] = load_trait_spec(resolve_trait_path(t))
+            out[t] = load_trait_spec(builtin_trait_path(t))  # a name from the data, never a path
         except SpecError as e:
             raise SpecError(f"dataset trait {t!r} has no spec ({e}); add its YAML file to the eval recipe's "
                             "trait_specs") from None

@@ -6,9 +6,9 @@ os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["WANDB_MODE"] = "offline"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import pytest  # noqa: E402
+import pytest
 
-from train.tiny_model import build_tiny_model  # noqa: E402
+from train.tiny_model import build_tiny_model
 
 
 @pytest.fixture(scope="session")

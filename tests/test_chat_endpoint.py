@@ -1,4 +1,4 @@
-"""The one OpenAI-compatible HTTP client (eval/chat_endpoint.py), used by the LLM judge, the HTTP generation
+"""The one OpenAI-compatible HTTP client (train/chat_endpoint.py), used by the LLM judge, the HTTP generation
 backend and the data_gen teacher, against real servers on 127.0.0.1 that misbehave the ways servers and proxies do."""
 
 import email.utils
@@ -9,9 +9,9 @@ import time
 import pytest
 from local_http import LocalServer, QuietHandler
 
-import eval.chat_endpoint
+import train.chat_endpoint
 from data_gen.teacher import ChatClient, MalformedResponse, RequestFailed, ResponseCache, Stats
-from eval.chat_endpoint import ChatEndpoint, retry_after_s
+from train.chat_endpoint import ChatEndpoint, retry_after_s
 
 ANSWER = json.dumps({"choices": [{"message": {"role": "assistant", "content": "an answer"}}]}).encode()
 KEY = "sk-test-SECRET-key-0123456789"
@@ -140,7 +140,7 @@ def test_retry_after_forms():
 @pytest.fixture
 def sleeps(monkeypatch):
     slept = []
-    monkeypatch.setattr(eval.chat_endpoint.time, "sleep", slept.append)
+    monkeypatch.setattr(train.chat_endpoint.time, "sleep", slept.append)
     return slept
 
 

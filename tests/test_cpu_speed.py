@@ -1,4 +1,4 @@
-"""The CPU speed settings: chosen by the hardware, and training the same as TRL's defaults."""
+"""The CPU speed settings: chosen by the hardware or the recipe, and training the same as TRL's defaults."""
 
 import logging
 import os
@@ -8,18 +8,19 @@ import pytest
 import torch
 from datasets import Dataset
 from peft import LoraConfig
+from train_fixtures import dpo_rows, sft_rows
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
-from tests.train_fixtures import dpo_rows, sft_rows
+from train import speedups
 from train.chat_template import training_chat_template
-from train.cpu_speed import (
-    cpu_flags,
+from train.hardware import (
+    choose_wait_policy,
+    configure_process,
     cpu_busy_fraction,
+    cpu_flags,
     cpu_supports_bf16,
     fast_cpu_overrides,
     keep_freed_memory,
-    set_cpu_thread_env,
-    use_label_only_lm_head,
 )
 from train.models import load_model, load_tokenizer
 from train.shared_prompt import completion_hidden, pair_layout
@@ -56,23 +57,38 @@ def test_overrides_per_stage_and_none_on_gpu():
 
 
 def test_thread_wait_policy_chosen_by_load(monkeypatch, tmp_path):
-    import train.cpu_speed
+    import train.hardware
 
+    monkeypatch.setattr(train.hardware, "process_settings", {})
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
-    assert set_cpu_thread_env() == "ACTIVE" and os.environ["OMP_WAIT_POLICY"] == "ACTIVE"  # the user's choice stays
+    assert configure_process()["omp_wait_policy"] == "ACTIVE" and os.environ["OMP_WAIT_POLICY"] == "ACTIVE"  # the user's
     monkeypatch.delenv("OMP_WAIT_POLICY")
-    monkeypatch.setattr(train.cpu_speed, "cpu_busy_fraction", lambda: 0.05)
-    assert set_cpu_thread_env() is None and "OMP_WAIT_POLICY" not in os.environ  # idle CPU: libgomp's spinning
-    monkeypatch.setattr(train.cpu_speed, "cpu_busy_fraction", lambda: 0.8)
-    assert set_cpu_thread_env() == "PASSIVE" and os.environ["OMP_WAIT_POLICY"] == "PASSIVE"  # busy: threads sleep
+    monkeypatch.setattr(train.hardware, "cpu_busy_fraction", lambda: 0.05)
+    assert choose_wait_policy()[0] is None  # idle CPU: libgomp's spinning
+    settings = configure_process()
+    assert settings["omp_wait_policy"] == "default" and "OMP_WAIT_POLICY" not in os.environ
+    assert "5% busy" in settings["omp_wait_policy_why"]
+    monkeypatch.setattr(train.hardware, "cpu_busy_fraction", lambda: 0.8)
+    assert configure_process()["omp_wait_policy"] == "PASSIVE" and os.environ["OMP_WAIT_POLICY"] == "PASSIVE"  # busy
+
+
+@pytest.mark.subprocess
+def test_importing_the_training_scripts_leaves_the_process_alone():
+    code = ("import os, sys; before = dict(os.environ); import train.sft, train.dpo, train.run; "
+            "assert dict(os.environ) == before, set(os.environ) ^ set(before); assert 'torch' not in sys.modules")
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "HF_HUB_DISABLE_TELEMETRY")}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_cpu_busy_fraction_from_proc_stat(tmp_path, monkeypatch):
-    import train.cpu_speed
+    import train.hardware
 
     stat = tmp_path / "stat"
     samples = iter(["cpu  100 0 100 800 0 0 0 0 0 0\n", "cpu  160 0 140 900 0 0 0 0 0 0\n"])
-    monkeypatch.setattr(train.cpu_speed.time, "sleep", lambda s: stat.write_text(next(samples)))
+    monkeypatch.setattr(train.hardware.time, "sleep", lambda s: stat.write_text(next(samples)))
     stat.write_text(next(samples))
     assert cpu_busy_fraction(0.0, stat) == pytest.approx(0.5)  # 100 busy of 200 jiffies
     assert cpu_busy_fraction(0.0, tmp_path / "missing") is None
@@ -108,7 +124,7 @@ def test_label_only_head_matches_trl_head(tiny_model_dir, tmp_path):
     batch = next(iter(trainer.get_train_dataloader()))
     assert (batch["labels"] == -100).any()  # prompt and padding positions are skipped by the new head
     ref, ref_grads = _loss_and_grads(trainer.model, batch)
-    assert use_label_only_lm_head(trainer)
+    assert speedups.apply(trainer)[0]["label_only_head"].used
     out, grads = _loss_and_grads(trainer.model, batch)
     torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-5)
     for field in ("log_probs", "entropy"):
@@ -124,10 +140,12 @@ def test_fast_settings_train_like_plain_ones(tiny_model_dir, tmp_path):
     plain.train()
     overrides = fast_cpu_overrides("sft", flags=set(), accelerator=False)  # fp32, as plain: losses comparable
     fast = _sft_trainer(tiny_model_dir, tmp_path / "fast", **overrides)
-    assert use_label_only_lm_head(fast)
+    choices, heads = speedups.apply(fast)
+    assert choices["label_only_head"].used and choices["unpadded_mlp"].used and not choices["shared_prompt"].used
     batch = next(iter(fast.get_train_dataloader()))
     assert batch["input_ids"].shape[0] > 1  # one row per example, padded
     fast.train()
+    assert heads[0].checks["label_only_head"].startswith("checked")  # the first batch was compared with TRL's head
     losses = [[h["loss"] for h in t.state.log_history if "loss" in h] for t in (plain, fast)]
     assert len(losses[0]) == len(losses[1]) == 4
     assert losses[0][-1] < losses[0][0]  # it trains at all
@@ -168,8 +186,8 @@ def test_dpo_loss_unchanged_by_label_only_head_and_shared_prompt(tiny_model_dir,
     labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
     assert pair_layout(batch["input_ids"], batch["attention_mask"], labels) is not None  # the shared path applies
     ref_loss, ref_metrics, ref_grads = _dpo_loss_metrics_grads(trainer, batch)
-    assert use_label_only_lm_head(trainer)
-    with caplog.at_level(logging.INFO, logger="train.cpu_speed"):
+    assert speedups.apply(trainer)[0]["shared_prompt"].used
+    with caplog.at_level(logging.INFO, logger="train.label_only_head"):
         loss, metrics, grads = _dpo_loss_metrics_grads(trainer, batch)
     assert "shared-prompt forward checked" in caplog.text and "disagrees" not in caplog.text
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
@@ -217,8 +235,8 @@ def test_shared_prompt_falls_back_when_it_disagrees(tiny_model_dir, tmp_path, ca
         return hidden + 1.0, target
 
     monkeypatch.setattr(train.shared_prompt, "completion_hidden", off_by_one)
-    assert use_label_only_lm_head(trainer)
-    with caplog.at_level(logging.WARNING, logger="train.cpu_speed"):
+    assert speedups.apply(trainer)[0]["shared_prompt"].used
+    with caplog.at_level(logging.WARNING, logger="train.label_only_head"):
         loss, _, _ = _dpo_loss_metrics_grads(trainer, batch)
     assert "disagrees with the plain forward" in caplog.text
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)  # the plain forward was used instead
@@ -250,3 +268,100 @@ def test_unpadded_mlp_skips_padding_and_keeps_real_tokens(tiny_model_dir):
     torch.testing.assert_close(fast[real], plain[real], rtol=1e-5, atol=1e-5)
     with torch.no_grad():  # outside the block: the model's own forward
         torch.testing.assert_close(body(input_ids=ids, attention_mask=attention).last_hidden_state, plain)
+
+
+def _resolve(stage="dpo", device="cpu", checkpointing=False, **asked):
+    import types
+
+    args = types.SimpleNamespace(device=torch.device(device), gradient_checkpointing=checkpointing)
+    return speedups.resolve(stage, types.SimpleNamespace(**asked), args)
+
+
+def test_speedups_auto_on_off():
+    used = lambda choices: {name for name, c in choices.items() if c.used}  # noqa: E731
+    everything = {"label_only_head", "shared_prompt", "unpadded_mlp"} | (
+        {"keep_freed_memory"} if sys.platform.startswith("linux") else set())
+    assert used(_resolve("dpo")) == everything  # auto on CPU: what the scripts did before these were choices
+    sft = _resolve("sft")
+    assert used(sft) == everything - {"shared_prompt"} and "sft has no pairs" in sft["shared_prompt"].why
+    assert used(_resolve("dpo", label_only_head="off")) == everything & {"keep_freed_memory"}
+    assert used(_resolve("dpo", unpadded_mlp="off", keep_freed_memory="off")) == {"label_only_head", "shared_prompt"}
+    checkpointing = _resolve("dpo", checkpointing=True)
+    assert not checkpointing["shared_prompt"].used and "gradient_checkpointing" in checkpointing["unpadded_mlp"].why
+    gpu = _resolve("dpo", device="cuda")
+    assert used(gpu) == set() and "cuda" in gpu["label_only_head"].why and "cuda" in gpu["keep_freed_memory"].why
+    assert _resolve("dpo", device="cuda", label_only_head="on")["label_only_head"].used  # asked for: used anywhere
+    # `on` where it cannot apply stops the run, naming the key
+    with pytest.raises(speedups.SpeedupError, match="shared_prompt: on.*sft has no pairs"):
+        _resolve("sft", shared_prompt="on")
+    with pytest.raises(speedups.SpeedupError, match="unpadded_mlp: on.*label-only head"):
+        _resolve("sft", label_only_head="off", unpadded_mlp="on")
+    with pytest.raises(speedups.SpeedupError, match="shared_prompt: on.*gradient_checkpointing"):
+        _resolve("dpo", checkpointing=True, shared_prompt="on")
+    with pytest.raises(speedups.SpeedupError, match="'maybe' is not one of"):
+        _resolve("sft", label_only_head="maybe")
+
+
+def test_trl_private_hooks_are_guarded_by_version_and_presence(monkeypatch, caplog):
+    import trl
+    import trl.trainer.utils
+
+    monkeypatch.setattr(trl, "__version__", "9.0.0")
+    auto = _resolve("sft")
+    assert not auto["label_only_head"].used and "TRL 1.16, installed 9.0.0" in auto["label_only_head"].why
+    assert not auto["unpadded_mlp"].used  # it runs inside the head
+    with caplog.at_level(logging.WARNING, logger="train.speedups"):
+        assert _resolve("sft", label_only_head="on")["label_only_head"].used  # asked for: used, with a warning
+    assert "installed 9.0.0" in caplog.text
+    monkeypatch.delattr(trl.trainer.utils, "FusedCausalLMOutput")
+    assert "no fused LM head" in _resolve("sft")["label_only_head"].why
+    with pytest.raises(speedups.SpeedupError, match="label_only_head: on.*no fused LM head"):
+        _resolve("sft", label_only_head="on")
+
+
+def _broken_head(monkeypatch):
+    """A label-only head whose log-probs are off by one: the first-batch check must catch it."""
+    from train.label_only_head import LabelOnlyHead
+
+    real = LabelOnlyHead.token_log_probs
+
+    def off_by_one(self, hidden, target, full=True):
+        logits, log_p, token_log_p = real(self, hidden, target, full)
+        return logits, log_p, token_log_p + 1.0
+
+    monkeypatch.setattr(LabelOnlyHead, "token_log_probs", off_by_one)
+
+
+def test_sft_self_check_falls_back_to_trls_head(tiny_model_dir, tmp_path, caplog, monkeypatch):
+    trainer = _sft_trainer(tiny_model_dir, tmp_path, gradient_checkpointing=False)
+    trainer.model.train()
+    batch = next(iter(trainer.get_train_dataloader()))
+    ref, ref_grads = _loss_and_grads(trainer.model, batch)
+    _broken_head(monkeypatch)
+    choices, heads = speedups.apply(trainer)
+    with caplog.at_level(logging.WARNING, logger="train.label_only_head"):
+        out, grads = _loss_and_grads(trainer.model, batch)
+    assert "disagrees with TRL's head" in caplog.text
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)  # TRL's head computed this batch
+    torch.testing.assert_close(grads, ref_grads, rtol=1e-4, atol=1e-6)
+    assert not heads[0].active  # and every later one
+    record = speedups.record(choices, heads)["label_only_head"]
+    assert record["used"] is False and record["check"].startswith("fell back")
+
+
+def test_sft_self_check_stops_the_run_when_the_head_was_asked_for(tiny_model_dir, tmp_path, monkeypatch):
+    trainer = _sft_trainer(tiny_model_dir, tmp_path, gradient_checkpointing=False)
+    trainer.model.train()
+    batch = next(iter(trainer.get_train_dataloader()))
+    _broken_head(monkeypatch)
+    speedups.apply(trainer, label_only_head="on")
+    with pytest.raises(RuntimeError, match="label_only_head: on, but the label-only LM head disagrees"):
+        _loss_and_grads(trainer.model, batch)
+
+
+def test_off_keeps_trls_forward(tiny_model_dir, tmp_path):
+    trainer = _sft_trainer(tiny_model_dir, tmp_path, gradient_checkpointing=False)
+    forward = trainer.model.get_base_model().forward
+    choices, heads = speedups.apply(trainer, label_only_head="off", keep_freed_memory="off")
+    assert heads == [] and not any(c.used for c in choices.values())
+    assert trainer.model.get_base_model().forward == forward

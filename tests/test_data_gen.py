@@ -304,7 +304,7 @@ def test_shipped_recipes_parse():
 
 
 @pytest.mark.parametrize("content, needle", [
-    ("seed: 0\nsede: 1\n", "unknown key(s) ['sede']"),
+    ("seed: 0\nsede: 1\n", "unknown key 'sede' (not a field of DataGenConfig, TeacherConfig); did you mean 'seed'?"),
     ("seed: three\n", "key 'seed' must be int"),
     ("traits: care\n", "key 'traits' must be a list"),
     ("heldout_formats: [sonnet]\n", "unknown format"),

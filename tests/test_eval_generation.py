@@ -8,10 +8,10 @@ import threading
 import pytest
 from local_http import LocalServer, QuietHandler
 
-import eval.chat_endpoint
-from eval.chat_endpoint import ChatEndpoint
+import train.chat_endpoint
 from eval.config import load_config
 from eval.generation import generate_http, generate_vllm, vllm_lora_rank
+from train.chat_endpoint import ChatEndpoint
 
 SERVED = {"served-base": "BASE", "persona-sft": "SFT"}  # served model name -> tag put in its answers
 
@@ -50,7 +50,7 @@ class OpenAIServer(LocalServer):
 def sleeps(monkeypatch):
     """Backoff waits are recorded instead of slept, so retries cost no test time."""
     slept = []
-    monkeypatch.setattr(eval.chat_endpoint.time, "sleep", slept.append)
+    monkeypatch.setattr(train.chat_endpoint.time, "sleep", slept.append)
     return slept
 
 
@@ -79,7 +79,7 @@ def test_unknown_served_name_fails_every_item_without_retries(sleeps):
 
 
 def test_eval_run_sends_base_and_lora_names_and_reports_failed_items(tiny_model_dir, tmp_path, sleeps):
-    from test_eval import make_adapter, make_dpo_data
+    from train_fixtures import make_adapter, make_dpo_data
 
     from eval.judges import pick_prompts
     from eval.run import main

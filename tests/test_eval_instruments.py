@@ -150,7 +150,7 @@ def test_generation_prompts_per_trait_held_out_domains_first(generated):
 
 
 def test_llm_judge_without_a_rubric_fails_before_models_load(tmp_path):
-    from test_eval import make_dpo_data
+    from train_fixtures import make_dpo_data
 
     from eval.config import EvalConfig
     from eval.trait_specs import preflight

@@ -78,7 +78,7 @@ def test_degenerate_answers_fail_even_when_on_topic(judged):
 
 
 def test_calibration_rates_fall_with_the_threshold(tmp_path):
-    from test_eval import make_dpo_data
+    from train_fixtures import make_dpo_data
 
     from eval.calibrate_coherence import main
 

@@ -4,6 +4,8 @@ yet win per token; the tables, framing gap, cross-trait matrix, length warning a
 import numpy as np
 import pytest
 
+from train import contract
+
 
 class _Variants:
     names = ["base", "dpo"]
@@ -17,6 +19,7 @@ def _rows():
                      "rejected": [{"role": "assistant", "content": f"r{i}"}], "trait": trait, "split": split,
                      "axis": "framing" if split == "eval_ood" else "id", "framing": "test" if i % 2 else "",
                      "pair_id": "", "id": str(i)})
+    assert not [contract.row_problem(r) for r in rows if contract.row_problem(r)]
     return rows
 
 

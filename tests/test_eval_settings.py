@@ -16,7 +16,7 @@ from eval.config import load_config
     ("lm_eval_limit", 0), ("seed", -1),
 ])
 def test_out_of_range_values_are_refused_naming_the_key(key, value):
-    with pytest.raises(ValueError, match=rf"command line: {key} must be"):
+    with pytest.raises(ValueError, match=rf"command line: key '{key}' must be >="):
         load_config(None, [f"--{key}", str(value), "--dataset_path", "x"])
 
 

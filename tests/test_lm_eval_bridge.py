@@ -41,7 +41,7 @@ def write_task(folder):
 
 
 def test_lm_eval_suite_base_and_adapter(tiny_model_dir, tmp_path):
-    from test_eval import make_adapter
+    from train_fixtures import make_adapter
 
     from eval.config import EvalConfig
     from eval.report import write_report

@@ -56,7 +56,7 @@ def test_cli_writes_rate_and_interval(tiny_model_dir, tmp_path):
 
 
 def test_cli_with_adapter_reports_change(tiny_model_dir, tmp_path):
-    from test_eval import make_adapter
+    from train_fixtures import make_adapter
 
     make_adapter(tiny_model_dir, tmp_path / "ad", seed=1)
     f = _write(tmp_path / "q.jsonl", ROWS)

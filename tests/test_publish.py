@@ -138,7 +138,7 @@ def test_bad_report_names_the_field(adapter, tmp_path):
     bad["model_index_results_by_adapter"]["sft"][0]["metrics"][0]["value"] = "high"
     path = tmp_path / "report.json"
     path.write_text(json.dumps(bad))
-    with pytest.raises(publish.PublishError, match=r"model_index_results\[0\]\.metrics\[0\]: needs a type and a numeric"):
+    with pytest.raises(publish.PublishError, match=r"model_index_results\[0\]\.metrics\[0\]: needs a type and a finite numeric"):
         publish.main(["--adapter", str(adapter), "--repo_id", "me/x", "--base_model_id", "org/b",
                       "--report", str(path), "--output_dir", str(tmp_path / "hub"), "--dry-run"])
     assert not (tmp_path / "hub").exists()
@@ -190,6 +190,7 @@ class _Always500(http.server.BaseHTTPRequestHandler):
         pass
 
 
+@pytest.mark.subprocess
 def test_failed_push_keeps_the_folder_and_never_writes_the_token(adapter, report, tmp_path):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Always500)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -284,3 +285,41 @@ def test_trainer_push_to_hub_is_refused_for_train_publish():
 
     with pytest.raises(RecipeError, match=r"push_to_hub.*python -m train\.publish"):
         parse_recipe(sft.make_parser(), ["--config", str(REPO / "recipes/smoke/sft.yaml"), "--push_to_hub", "true"])
+
+
+def test_published_files_name_no_local_path(adapter, report, tmp_path):
+    """The manifest and recipe hold this machine's absolute paths (base model, data); the Hub folder must not."""
+    local = str(Path(json.loads((adapter / "training_manifest.json").read_text())["base_model_path"]).parent)
+    out = tmp_path / "hub"
+    publish.main(["--adapter", str(adapter), "--repo_id", "me/x", "--base_model_id", "org/b", "--report", str(report),
+                  "--output_dir", str(out), "--dry-run"])
+    leaks = [p.name for p in out.rglob("*") if p.is_file() and p.suffix != ".safetensors" and local in p.read_text()]
+    assert leaks == []
+    manifest = json.loads((out / "training_manifest.json").read_text())
+    assert manifest["base_model_path"] == "<local>/base" and manifest["stage"] == "sft"
+
+
+def test_local_path_left_in_a_file_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "hub").mkdir()
+    (tmp_path / "hub" / "notes.txt").write_text(f"trained from {tmp_path}/runs/x")
+    with pytest.raises(publish.PublishError, match="notes.txt: names the local path"):
+        publish.check_no_local_paths(tmp_path / "hub")
+
+
+def test_crafted_trait_name_cannot_pull_a_file_into_the_card(tmp_path):
+    (tmp_path / "secret.yaml").write_text("description: private notes\n")
+    crafted = os.path.relpath(tmp_path / "secret", publish.TRAITS_DIR)
+    with pytest.raises(publish.PublishError, match="lower-case letters"):
+        publish.trait_specs([crafted])
+    assert publish.trait_specs(["care"])[0]["description"]
+
+
+def test_non_finite_eval_result_is_refused(adapter, tmp_path):
+    bad = json.loads(json.dumps(REPORT))
+    bad["model_index_results_by_adapter"]["sft"][0]["metrics"][0]["value"] = float("nan")
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(bad))
+    with pytest.raises(publish.PublishError, match=r"metrics\[0\]: needs a type and a finite numeric value, got nan"):
+        publish.main(["--adapter", str(adapter), "--repo_id", "me/x", "--base_model_id", "org/b",
+                      "--report", str(path), "--output_dir", str(tmp_path / "hub"), "--dry-run"])

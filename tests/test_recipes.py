@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from train import dpo, sft
-from train.recipe import validate_recipe
+from train.recipe import parse_recipe, recipe_parser, validate_recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 ACCELERATE_CONFIGS = sorted((RECIPES / "accelerate_configs").glob("*.yaml"))
@@ -24,30 +24,36 @@ def test_every_recipe_belongs_to_a_known_stage():
     assert not unknown, f"recipes whose stage cannot be told from the file name: {unknown}"
 
 
+def _parser(stage: str):
+    """Every stage's parser is the kernel's `recipe_parser` over the stage's dataclasses."""
+    if stage in TRAIN_MODULES:
+        return TRAIN_MODULES[stage].make_parser()
+    if stage == "data":
+        from data_gen.generate import DataGenConfig
+        from data_gen.teacher import TeacherConfig
+
+        return recipe_parser((DataGenConfig, TeacherConfig), "data")
+    from eval.config import make_parser
+
+    return make_parser()
+
+
 @pytest.mark.parametrize("path", STAGE_RECIPES, ids=lambda p: str(p.relative_to(RECIPES)))
 def test_recipe_is_valid(path):
     stage = _stage(path)
-    if stage in TRAIN_MODULES:
-        parser = TRAIN_MODULES[stage].make_parser()
-        config = validate_recipe(path, parser.dataclass_types)
-        assert config.get("use_peft") is True, "the pipeline trains LoRA adapters"
-        assert config.get("output_dir"), "a recipe names its output_dir"
-        if config.get("bf16") is not True and not config.get("load_in_4bit"):
-            # Recipes that run on a CPU are built here in full (GPU ones fail TrainingArguments' bf16 check).
-            script_args, training_args, model_args = parser.parse_args_and_config(["--config", str(path)])
-            assert training_args.output_dir == config["output_dir"]
-        if config.get("load_in_4bit"):
-            assert config.get("dtype") in ("bfloat16", "float16"), "4-bit layers need a half-precision compute dtype"
-    elif stage == "data":
-        from data_gen.generate import DataGenConfig
-        from data_gen.recipe import parse_recipe
-        from data_gen.teacher import TeacherConfig
-
-        parse_recipe((DataGenConfig, TeacherConfig), ["--config", str(path)])
-    else:
-        from eval.config import load_config
-
-        load_config(str(path))
+    parser = _parser(stage)
+    config = validate_recipe(path, parser.dataclass_types)
+    if stage not in TRAIN_MODULES:
+        parse_recipe(parser, ["--config", str(path)])
+        return
+    assert config.get("use_peft") is True, "the pipeline trains LoRA adapters"
+    assert config.get("output_dir"), "a recipe names its output_dir"
+    if config.get("bf16") is not True and not config.get("load_in_4bit"):
+        # Recipes that run on a CPU are built here in full (GPU ones fail TrainingArguments' bf16 check).
+        script_args, training_args, model_args = parse_recipe(parser, ["--config", str(path)])
+        assert training_args.output_dir == config["output_dir"]
+    if config.get("load_in_4bit"):
+        assert config.get("dtype") in ("bfloat16", "float16"), "4-bit layers need a half-precision compute dtype"
 
 
 @pytest.mark.parametrize("folder", sorted({p.parent for p in STAGE_RECIPES if _stage(p) == "dpo"}), ids=str)

@@ -56,6 +56,7 @@ def test_rerun_of_a_finished_run_with_the_same_recipe_trains_nothing(tiny_model_
     assert _snapshot(out) == before
 
 
+@pytest.mark.subprocess
 def test_second_writer_is_refused_while_the_first_runs(tiny_model_dir, tmp_path):
     data = write_dataset(tmp_path / "data", n_train=16)
     out = tmp_path / "sft"

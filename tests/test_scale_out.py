@@ -8,11 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from train_fixtures import write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "recipes/accelerate_configs"
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
+pytestmark = pytest.mark.subprocess
 
 
 def _free_port() -> str:

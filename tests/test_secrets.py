@@ -6,12 +6,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from train_fixtures import write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "hf_secretTOKENforTheTest0123456789"
 
 
+@pytest.mark.subprocess
 def test_hub_token_on_the_command_line_is_in_no_written_file(tiny_model_dir, tmp_path):
     data = write_dataset(tmp_path / "data", n_train=8)
     run_dir = tmp_path / "exp"

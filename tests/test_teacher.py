@@ -161,6 +161,18 @@ def test_cli_writes_teacher_dataset(tmp_path):
     ood = [json.loads(line) for line in (out / "jsonl" / "dpo_eval_ood.jsonl").read_text().splitlines()]
     assert ood and all(r["failure_mode"] != "student_default" for r in ood)  # eval stays the labelled offline set
     assert (out / "teacher_cache.jsonl").exists()
+    # One leakage check (data_gen/leakage.py check_split_leakage), one card schema for both generators.
+    assert list(meta["leakage_checks"]) == ["eval_prompts", "train_prompts", "exact", "ngram_containment", "embedding",
+                                            "answer_wording"]
+    assert meta["leakage_checks"]["exact"] == "passed" and meta["leakage_checks"]["embedding"] == "off"
+    assert meta["generator_stats"]["requests"] > 0 and meta["generator_stats"]["failed"] == 0
+
+
+def test_missing_teacher_model_is_a_recipe_error_not_an_exit(tmp_path):
+    from data_gen.teacher import main
+
+    with pytest.raises(RecipeError, match="teacher_model"):
+        main(["--output_dir", str(tmp_path / "out"), "--traits", "honesty"])
 
 
 def test_teacher_config_errors(tmp_path):
@@ -175,6 +187,7 @@ def test_teacher_config_errors(tmp_path):
         parse_recipe((DataGenConfig, TeacherConfig), ["--config", str(path)])
 
 
+@pytest.mark.subprocess
 def test_killed_process_resumes_without_repeating_cached_requests(tmp_path):
     """SIGKILL a real `python -m data_gen teacher` run mid-way, then rerun it to completion."""
     import os

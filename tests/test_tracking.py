@@ -49,9 +49,9 @@ def pipeline(tiny_model_dir, tmp_path_factory):
     run_stage(sft, *train_args("sft", tiny_model_dir, exp / "data", exp / "sft"))
     run_stage(dpo, *train_args("dpo", tiny_model_dir, exp / "data", exp / "dpo", "--sft_adapter", str(exp / "sft")))
 
-    from eval.wandb_tables import log_report
-
     import matplotlib
+
+    from eval.wandb_tables import log_report
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -62,6 +62,17 @@ def test_sft_then_dpo_saves_complete_adapters(tiny_model_dir, data_dir, tmp_path
     # The resolved recipe is itself a valid recipe that names this run.
     recipe = validate_recipe(sft_dir / "recipe.yaml", sft.make_parser().dataclass_types)
     assert recipe["output_dir"] == str(sft_dir) and recipe["model_name_or_path"] == tiny_model_dir
+    # What the hardware chose is the manifest's, not the recipe's: reused on a GPU, the recipe trains on the GPU.
+    cpu_run = not torch.accelerator.is_available()
+    assert not {"use_cpu", "bf16", "gradient_checkpointing", "dataloader_pin_memory"} & set(recipe)
+    chosen = manifest["hardware"]["chosen_by_hardware"]
+    assert manifest["hardware"]["device"] == "cpu" and manifest["hardware"]["precision"] in ("fp32", "bf16")
+    assert (chosen["use_cpu"]["value"] is True and "bf16" in chosen["bf16"]["why"]) if cpu_run else chosen == {}
+    forward = manifest["forward"]  # which forward trained the adapter, and what its first-batch check found
+    assert set(forward) == {"label_only_head", "shared_prompt", "unpadded_mlp", "keep_freed_memory"}
+    assert forward["label_only_head"]["asked"] == "auto" and forward["label_only_head"]["used"] is cpu_run
+    if cpu_run:
+        assert forward["label_only_head"]["check"].startswith("checked") and not forward["shared_prompt"]["used"]
 
     dpo_dir = tmp_path / "dpo"
     run_stage(
@@ -70,12 +81,41 @@ def test_sft_then_dpo_saves_complete_adapters(tiny_model_dir, data_dir, tmp_path
     )
     manifest = json.loads((dpo_dir / "training_manifest.json").read_text())
     assert manifest["stage"] == "dpo" and manifest["sft_adapter"] == str(sft_dir)
+    assert manifest["data"]["examples"] == 16  # the same keys as SFT's manifest, plus the stage's own
+    sft_manifest = json.loads((sft_dir / "training_manifest.json").read_text())
+    assert set(sft_manifest) | {"sft_adapter", "reference_model"} == set(manifest)
+    if not torch.accelerator.is_available():
+        assert manifest["forward"]["shared_prompt"]["used"] and "checked" in manifest["forward"]["shared_prompt"]["check"]
     assert not (dpo_dir / "ref").exists(), "only the trained adapter is saved, not TRL's frozen reference copy"
     sft_weights = load_file(sft_dir / "adapter_model.safetensors")
     dpo_weights = load_file(dpo_dir / "adapter_model.safetensors")
     assert sft_weights.keys() == dpo_weights.keys()
     assert all(not torch.equal(sft_weights[k], dpo_weights[k]) for k in sft_weights), "DPO moved every LoRA tensor"
     assert (dpo_dir / "chat_template.jinja").read_text() == template
+
+
+def test_saved_recipe_keeps_hardware_values_the_user_set(tmp_path):
+    from train.run import asked_keys
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("use_cpu: true\nlearning_rate: 0.1\n")
+    argv = ["--config", str(recipe), "--bf16=false", "--no_gradient_checkpointing", "--output_dir", "x"]
+    assert {"use_cpu", "bf16", "gradient_checkpointing", "learning_rate", "output_dir"} <= asked_keys(argv)
+    script_args, training_args, _ = parse_recipe(sft.make_parser(), ["--config", SMOKE_SFT, "--use_cpu", "true"])
+    if torch.accelerator.is_available():
+        assert script_args.hardware_chosen == {}
+        return
+    assert training_args.use_cpu and training_args.gradient_checkpointing is False
+    assert "use_cpu" not in script_args.hardware_chosen  # the user's: saved in the recipe
+    assert {"bf16", "gradient_checkpointing"} <= set(script_args.hardware_chosen)  # the hardware's: manifest only
+
+
+def test_speedup_on_that_cannot_apply_fails_before_training(tiny_model_dir, data_dir, tmp_path):
+    from train.speedups import SpeedupError
+
+    with pytest.raises(SpeedupError, match="shared_prompt: on"):
+        run_stage(sft, *sft_args(tiny_model_dir, data_dir, tmp_path / "out", "--shared_prompt", "on"))
+    assert not (tmp_path / "out").exists()
 
 
 def test_same_data_gives_same_hash_and_other_data_another(tiny_model_dir, tmp_path):
@@ -120,8 +160,8 @@ def test_adapter_that_did_not_train_fails_loudly(tiny_model_dir, data_dir, tmp_p
     "content, message",
     [
         ("lerning_rate: 0.001\n", r"unknown key 'lerning_rate'.*did you mean 'learning_rate'"),
-        ("learning_rate: fast\n", r"key 'learning_rate' has value 'fast'"),
-        ("lora_r: 8.5\n", r"key 'lora_r' has value 8.5"),
+        ("learning_rate: fast\n", r"key 'learning_rate' must be float, got 'fast'"),
+        ("lora_r: 8.5\n", r"key 'lora_r' must be int, got 8.5"),
         ("save_strategy: sometimes\n", r"key 'save_strategy'.*one of 'no', 'steps', 'epoch'"),
         ("assistant_only_loss: 'yes'\n", r"key 'assistant_only_loss'"),
     ],
@@ -134,6 +174,7 @@ def test_bad_recipe_names_file_and_key(tmp_path, content, message):
     assert str(path) in str(err.value)
 
 
+@pytest.mark.subprocess
 def test_bad_recipe_fails_from_the_command_line_before_any_model_loads(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("model_name_or_path: /nonexistent/model\nuse_peft: true\nlearning_rte: 0.1\n")
@@ -145,6 +186,7 @@ def test_bad_recipe_fails_from_the_command_line_before_any_model_loads(tmp_path)
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.subprocess
 def test_wandb_is_offline_by_default_and_the_run_holds_metrics(tiny_model_dir, data_dir, tmp_path):
     from wandb.proto import wandb_internal_pb2
 
@@ -178,6 +220,7 @@ def test_wandb_is_offline_by_default_and_the_run_holds_metrics(tiny_model_dir, d
     assert "ScriptArguments" in config and json.loads(config["learning_rate"]) == 0.001
 
 
+@pytest.mark.subprocess
 def test_killed_run_resumes_from_last_checkpoint(tiny_model_dir, data_dir, tmp_path, no_wandb_env):
     out = tmp_path / "killed"
     args = sft_args(tiny_model_dir, data_dir, out, "--max_steps", "30", "--save_steps", "5", "--logging_steps", "5")
@@ -210,6 +253,7 @@ def test_killed_run_resumes_from_last_checkpoint(tiny_model_dir, data_dir, tmp_p
         torch.testing.assert_close(resumed_w[key], straight_w[key], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.subprocess
 def test_two_process_ddp_trains_on_both_ranks_and_saves_one_adapter(tiny_model_dir, data_dir, tmp_path):
     out = tmp_path / "ddp"
     port = str(29500 + os.getpid() % 400)

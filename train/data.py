@@ -6,6 +6,8 @@ from pathlib import Path
 
 from datasets import load_from_disk
 
+from train.contract import PARTS, validate_rows
+
 logger = logging.getLogger(__name__)
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 DEFAULT_DATASET_PATH = "runs/quickstart/data"
@@ -21,8 +23,9 @@ def dataset_source(script_args, stage: str) -> tuple[str, str]:
 
 def load_split(dataset_path: str, kind: str, split: str, required: tuple[str, ...], limit: int | None = None,
                traits: list[str] | None = None):
-    """`<dataset_path>/<kind>` split `split`, checked for the columns the stage needs; only the rows of `traits`
-    when given (one adapter per trait lets the cross-trait matrix show interference)."""
+    """`<dataset_path>/<kind>` split `split`, checked for the columns the stage needs and the contract's values
+    (train/contract.py); only the rows of `traits` when given (one adapter per trait lets the cross-trait matrix
+    show interference)."""
     folder = Path(dataset_path) / kind
     if folder.is_dir():
         splits = load_from_disk(str(folder))
@@ -40,9 +43,9 @@ def load_split(dataset_path: str, kind: str, split: str, required: tuple[str, ..
     if split not in splits:
         raise KeyError(f"{folder}: no split {split!r} (found: {', '.join(splits)})")
     dataset = splits[split]
-    missing = [c for c in required if c not in dataset.column_names]
-    if missing:
-        raise ValueError(f"{folder} split {split!r}: missing column(s) {missing} (has {dataset.column_names})")
+    # A Hub config named otherwise (a user's own dataset) is read as the part its columns say it is.
+    part = kind if kind in PARTS else ("sft" if "messages" in required else "dpo")
+    validate_rows(dataset, part, f"{folder} split {split!r}", required=required, split=split)
     if len(dataset) == 0:
         raise ValueError(f"{folder} split {split!r} is empty")
     if traits is not None:

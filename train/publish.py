@@ -17,7 +17,9 @@ only when that is empty or an earlier publish build (marked by a file that is no
 
 import argparse
 import json
+import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -26,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from data_gen.card import pushed_dataset_id
+from train.assets import pushed_dataset_id, traits_dir
 from train.chat_template import has_generation_markers, strip_generation_markers
 
 # Embedded model names (train/models.py): the Hub repository each was converted from, its licence, and what the
@@ -45,7 +47,8 @@ EMBEDDED_PROVENANCE = {
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 COPIED = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
           "recipe.yaml", "training_manifest.json")
-TRAITS_DIR = Path(__file__).resolve().parents[1] / "data_gen" / "traits"
+TRAITS_DIR = traits_dir()
+TRAIT_NAME = re.compile(r"[a-z][a-z0-9_]*")
 MARKER = ".built-by-train-publish"  # in every folder publish builds (not uploaded); only such a folder is replaced
 
 
@@ -140,14 +143,20 @@ def model_index_results(report_path: str | None, stage: str) -> list[dict]:
         if not isinstance(metrics, list) or not metrics:
             raise PublishError(f"{where}: needs a non-empty metrics list")
         for j, m in enumerate(metrics):
-            if not m.get("type") or not isinstance(m.get("value"), (int, float)):
-                raise PublishError(f"{where}.metrics[{j}]: needs a type and a numeric value")
+            if not m.get("type") or not isinstance(m.get("value"), (int, float)) or not math.isfinite(m["value"]):
+                raise PublishError(f"{where}.metrics[{j}]: needs a type and a finite numeric value, got "
+                                   f"{m.get('value')!r}")
     return results
 
 
 def trait_specs(trait_names: list[str]) -> list[dict]:
+    """The built-in spec of each trait the data names. Names come from dataset rows, so only a plain name picks a
+    file, and only inside the built-in folder (a crafted name must not put another YAML file into a public card)."""
     specs = []
     for name in trait_names:
+        if not isinstance(name, str) or not TRAIT_NAME.fullmatch(name):
+            raise PublishError(f"the training data names trait {name!r}; a trait name is lower-case letters, digits "
+                               "and underscores")
         path = TRAITS_DIR / f"{name}.yaml"
         spec = yaml.safe_load(path.read_text()) if path.is_file() else {}
         specs.append({"name": name, "description": spec.get("description", ""), "statements": spec.get("statements", [])})
@@ -242,6 +251,38 @@ def render_card(repo_id, base, manifest, recipe_text, results, specs, license_, 
     return "\n".join(lines)
 
 
+def scrub_local_paths(value):
+    """This machine's absolute paths in a published file say where things lay, not what was used: a path under the
+    working directory becomes relative to it, any other absolute path `<local>/<its last part>`."""
+    if isinstance(value, dict):
+        return {k: scrub_local_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [scrub_local_paths(v) for v in value]
+    if isinstance(value, str) and os.path.isabs(value):
+        path, cwd = Path(value), Path.cwd()
+        return str(path.relative_to(cwd)) if path.is_relative_to(cwd) and path != cwd else f"<local>/{path.name}"
+    return value
+
+
+def _local_prefixes() -> list[str]:
+    return [str(p) + os.sep for p in (Path.home(), Path.cwd()) if str(p) != os.sep]
+
+
+def check_no_local_paths(folder: Path) -> None:
+    """Refuse a folder whose text files still name this machine's home or working directory."""
+    for path in sorted(folder.rglob("*")):
+        if not path.is_file() or path.name == MARKER or path.suffix == ".safetensors":
+            continue
+        try:
+            text = path.read_text()
+        except UnicodeDecodeError:
+            continue
+        for prefix in _local_prefixes():
+            if prefix in text:
+                raise PublishError(f"{path}: names the local path {prefix}...; published files must not expose "
+                                   "this machine's paths")
+
+
 def check_folder(folder: Path, merged: bool) -> None:
     """Local checks the Hub would make (no network): files, card metadata, model-index."""
     from huggingface_hub import ModelCard
@@ -329,21 +370,29 @@ def build(args) -> Path:
         for f in COPIED:
             if (adapter / f).is_file():
                 shutil.copy2(adapter / f, staging / f)
+        if (staging / "training_manifest.json").is_file():
+            scrubbed = scrub_local_paths(_read_json(staging / "training_manifest.json", "training manifest"))
+            (staging / "training_manifest.json").write_text(json.dumps(scrubbed, indent=2) + "\n")
+        recipe = yaml.safe_load(recipe_text) or {}
+        if scrub_local_paths(recipe) != recipe:
+            (staging / "recipe.yaml").write_text(yaml.safe_dump(scrub_local_paths(recipe), sort_keys=False))
         if (staging / "chat_template.jinja").is_file():  # served without the training-only {% generation %} markers
             template = (staging / "chat_template.jinja").read_text()
             (staging / "chat_template.jinja").write_text(strip_generation_markers(template))
         if args.merge:
             _merge(adapter, manifest.get("base_model_path") or manifest["base_model"], staging, args.merge_dtype,
-                   yaml.safe_load(recipe_text) or {})
+                   recipe)
         else:
             shutil.copy2(adapter / "adapter_model.safetensors", staging / "adapter_model.safetensors")
             config = _read_json(adapter / "adapter_config.json", "adapter config")
             config["base_model_name_or_path"] = base  # the training machine's local path means nothing on the Hub
             (staging / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-        card = render_card(args.repo_id, base, manifest, recipe_text, results, trait_specs(_traits_of(manifest)),
+        card = render_card(args.repo_id, base, scrub_local_paths(manifest), (staging / "recipe.yaml").read_text()
+                           if (staging / "recipe.yaml").is_file() else "", results, trait_specs(_traits_of(manifest)),
                            license_, dataset_id, args.merge)
         (staging / "README.md").write_text(card)
         check_folder(staging, args.merge)
+        check_no_local_paths(staging)
         (staging / MARKER).write_text(json.dumps({"repo_id": args.repo_id}) + "\n")
         check_output_dir(folder, inputs)  # again: something may have appeared there while building
         previous = None

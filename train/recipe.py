@@ -1,11 +1,16 @@
-"""YAML recipes: TRL-style configs checked against their dataclasses before anything heavy runs.
+"""Recipes of every stage: dataclass configs read from YAML plus `--key value` overrides, checked before anything
+heavy runs.
 
-A recipe is a flat YAML mapping whose keys are fields of the stage's dataclasses (our script
-arguments, TRL's `SFTConfig`/`DPOConfig`, TRL's `ModelConfig`), read by `TrlParser` with CLI overrides
-on top. `TrlParser` turns YAML values into argparse defaults without checking them and its errors do
-not name the file, so `validate_recipe` checks every key and value first and names file and key.
+A recipe is a flat YAML mapping whose keys are fields of the stage's dataclasses (data_gen's and eval's configs;
+for training our script arguments, TRL's `SFTConfig`/`DPOConfig` and `ModelConfig`), read by `TrlParser` with
+command-line overrides on top; `--help` lists every field with its help. `TrlParser` turns YAML values into
+argparse defaults without checking them and its errors do not name the file, so `validate_recipe` and
+`check_command_line` check every key (unknown ones with a close match), type and range first, naming file and key.
+A field declares its range in its metadata: `field(default=8, metadata={"help": ..., "min": 1})`.
 """
 
+import argparse
+import copy
 import dataclasses
 import difflib
 import enum
@@ -67,6 +72,42 @@ class ScriptArguments:
         default=0,
         metadata={"help": "Print the first N examples token by token with their labels, then exit without training."},
     )
+    # Speed-ups of the training forward (train/speedups.py), chosen like TRL's loss_type. auto: used where they apply,
+    # with a logged reason where not; on: the run stops before training where one cannot apply; off: never used.
+    label_only_head: typing.Literal["auto", "on", "off"] = dataclasses.field(
+        default="auto", metadata={"help": "Score only labelled positions in the LM head (auto: on CPU)."}
+    )
+    shared_prompt: typing.Literal["auto", "on", "off"] = dataclasses.field(
+        default="auto",
+        metadata={"help": "DPO: run each pair's prompt once for both completions (auto: with the label-only head)."},
+    )
+    unpadded_mlp: typing.Literal["auto", "on", "off"] = dataclasses.field(
+        default="auto", metadata={"help": "Run the MLPs on real tokens only (auto: with the label-only head)."}
+    )
+    keep_freed_memory: typing.Literal["auto", "on", "off"] = dataclasses.field(
+        default="auto", metadata={"help": "glibc keeps freed memory for reuse instead of returning it (auto: on CPU)."}
+    )
+
+
+def _without_none(tp):
+    """`X | None` -> (X, True); any other annotation -> (tp, False)."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = tuple(a for a in args if a is not type(None))
+        return (rest[0] if len(rest) == 1 else typing.Union[rest]), True
+    return tp, False
+
+
+def _is_mapping(tp) -> bool:
+    return tp is dict or typing.get_origin(tp) is dict
+
+
+def _reads_yaml(tp) -> bool:
+    """A mapping or a list of mappings: HfArgumentParser cannot read these from the command line, so the flag takes
+    one YAML flow value (`--adapters "{sft: a, dpo: b}"`)."""
+    tp, _ = _without_none(tp)
+    args = typing.get_args(tp)
+    return _is_mapping(tp) or (typing.get_origin(tp) is list and bool(args) and _is_mapping(args[0]))
 
 
 def _type_ok(value, tp) -> bool:
@@ -87,8 +128,11 @@ def _type_ok(value, tp) -> bool:
     if origin in (list, tuple):
         args = typing.get_args(tp)
         return isinstance(value, list) and all(_type_ok(v, args[0]) for v in value) if args else isinstance(value, list)
-    if origin is dict or tp is dict:
-        return isinstance(value, dict)
+    if _is_mapping(tp):
+        args = typing.get_args(tp)
+        return isinstance(value, dict) and (
+            not args or all(_type_ok(k, args[0]) and _type_ok(v, args[1]) for k, v in value.items())
+        )
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         return isinstance(value, str) and value in {m.value for m in tp}
     if tp is bool:
@@ -96,7 +140,7 @@ def _type_ok(value, tp) -> bool:
     if tp is int:
         return isinstance(value, int) and not isinstance(value, bool)
     if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads `2e-4` as a string; TrlParser converts it, so accept it
+        if isinstance(value, str):  # YAML 1.1 reads `2e-4` as a string; the parser converts it, so accept it
             try:
                 float(value)
                 return True
@@ -120,7 +164,61 @@ def _type_name(tp) -> str:
         return _type_name(enums[0])
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         return "one of " + ", ".join(repr(m.value) for m in tp)
+    base, optional = _without_none(tp)
+    if optional:
+        return f"{_type_name(base)} or null"
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if origin in (list, tuple):
+        return f"a list of {_type_name(args[0])}" if args else "a list"
+    if _is_mapping(tp):
+        return f"a mapping of {_type_name(args[0])} to {_type_name(args[1])}" if args else "a mapping"
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _range_text(low, high) -> str:
+    if low is not None and high is not None:
+        return f"in [{low}, {high}]"
+    if low is not None:
+        return f">= {low}"
+    return f"<= {high}" if high is not None else ""
+
+
+def _fields(dataclass_types) -> dict:
+    """Field name -> (owning dataclass, annotation, metadata) over all of a stage's dataclasses."""
+    fields = {}
+    for cls in dataclass_types:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.init:
+                fields.setdefault(f.name, (cls.__name__, _TYPE_OVERRIDES.get(f.name, hints[f.name]), f.metadata))
+    return fields
+
+
+def _unknown_key(source: str, key, fields: dict, dataclass_types) -> RecipeError:
+    close = difflib.get_close_matches(str(key), list(fields), n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    owners = ", ".join(c.__name__ for c in dataclass_types)
+    return RecipeError(f"{source}: unknown key '{key}' (not a field of {owners}){hint}")
+
+
+def _check_value(source: str, key: str, value, field: tuple) -> None:
+    """Type, then the range a field declares in its metadata (`"min"`, `"max"`, both inclusive)."""
+    owner, tp, metadata = field
+    if not _type_ok(value, tp):
+        raise RecipeError(
+            f"{source}: key '{key}' must be {_type_name(tp)}, got {value!r} ({type(value).__name__}) [{owner}.{key}]"
+        )
+    low, high = metadata.get("min"), metadata.get("max")
+    if value is None or (low is None and high is None):
+        return
+    number = float(value) if isinstance(value, str) else value  # a YAML `2e-4`, read as a string
+    if (low is not None and number < low) or (high is not None and number > high):
+        null = " (or null)" if _without_none(tp)[1] else ""
+        raise RecipeError(f"{source}: key '{key}' must be {_range_text(low, high)}{null}, got {value!r}")
 
 
 def validate_recipe(path: str | Path, dataclass_types) -> dict:
@@ -137,43 +235,151 @@ def validate_recipe(path: str | Path, dataclass_types) -> dict:
         raise RecipeError(f"{path}: not valid YAML: {err}") from err
     if not isinstance(config, dict):
         raise RecipeError(f"{path}: a recipe must be a YAML mapping of field: value")
-    fields = {}
-    for cls in dataclass_types:
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            if f.init:
-                fields.setdefault(f.name, (cls.__name__, _TYPE_OVERRIDES.get(f.name, hints[f.name])))
+    fields = _fields(dataclass_types)
     for key, value in config.items():
         if key == "env":
             if not isinstance(value, dict):
                 raise RecipeError(f"{path}: key 'env' must be a mapping of environment variables")
             continue
         if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            owners = ", ".join(c.__name__ for c in dataclass_types)
-            raise RecipeError(f"{path}: unknown key '{key}' (not a field of {owners}){hint}")
-        owner, tp = fields[key]
-        if not _type_ok(value, tp):
-            raise RecipeError(
-                f"{path}: key '{key}' has value {value!r} ({type(value).__name__}), "
-                f"expected {_type_name(tp)} ({owner}.{key})"
-            )
+            raise _unknown_key(str(path), key, fields, dataclass_types)
+        _check_value(str(path), key, value, fields[key])
     return config
 
 
-def recipe_parser(dataclass_types, description: str):
-    """TRL's parser, with `--dataset_path` read as `--dataset_name`: the alias given on the command line must beat
-    the recipe's dataset_name, as any flag beats the recipe."""
+# The command line: `--key value`; a list field takes space-separated values (`--traits care honesty`) or one YAML
+# flow list (`--traits "[care, honesty]"`); a mapping field one YAML flow mapping; `null` clears an optional number.
+
+_TRUE, _FALSE = {"yes", "true", "t", "y", "1"}, {"no", "false", "f", "n", "0"}  # HfArgumentParser's string_to_bool
+_UNCHECKED = object()
+
+
+def _flags(argv: list[str]) -> list[tuple[str | None, list[str], bool]]:
+    """argv as (flag, values, given as --flag=value) groups; a value that is no flag's gets flag None."""
+    groups = []
+    for arg in argv:
+        if arg.startswith("--") or arg == "-h":
+            flag, eq, value = arg.partition("=")
+            groups.append((flag, [value] if eq else [], bool(eq)))
+        elif groups and not groups[-1][2]:
+            groups[-1][1].append(arg)
+        else:
+            groups.append((None, [arg], False))
+    return groups
+
+
+def _flow_list(values: list[str]) -> list:
+    if len(values) == 1 and values[0].lstrip().startswith("["):
+        try:
+            items = yaml.load(values[0], Loader=yaml.BaseLoader)  # items stay strings: the flag's type converts them
+        except yaml.YAMLError:
+            return values
+        if isinstance(items, list):
+            return items
+    return values
+
+
+def _scalar(text: str, tp):
+    if tp is bool:
+        return True if text.lower() in _TRUE else False if text.lower() in _FALSE else text
+    for number in (int, float):
+        if tp is number:
+            try:
+                return number(text)
+            except ValueError:
+                return text
+    return text
+
+
+def _command_line_value(values: list[str], tp):
+    """The value `--key values...` gives a field annotated `tp`, as YAML would hold it, so it gets the same checks;
+    _UNCHECKED where only the parser's own conversion can tell (several values for a union, say)."""
+    base, optional = _without_none(tp)
+    if optional and base is not str and values in (["null"], ["None"]):
+        return None
+    if typing.get_origin(base) is list and not _reads_yaml(base):
+        item = (typing.get_args(base) or (str,))[0]
+        return [_scalar(v, item) if isinstance(v, str) else v for v in _flow_list(values)]
+    if len(values) != 1:
+        return True if base is bool and not values else _UNCHECKED
+    if _reads_yaml(base):
+        try:
+            return yaml.safe_load(values[0])
+        except yaml.YAMLError:
+            return values[0]  # refused as the string it is
+    return _scalar(values[0], base)
+
+
+def check_command_line(parser, argv: list[str]) -> None:
+    """The recipe's checks for `--key value` overrides: unknown key (with a close match), type, range."""
+    fields = _fields(parser.dataclass_types)
+    options = parser._option_string_actions  # every spelling: --a_b, --a-b, --no_a_b
+    for flag, values, _ in _flags(argv):
+        if flag in ("--config", "--help", "-h"):
+            continue
+        if flag is None:
+            raise RecipeError(f"command line: expected --key value, got {values[0]!r}")
+        action = options.get(flag)
+        if action is None or action.dest not in fields:
+            raise _unknown_key("command line", flag[2:].replace("-", "_"), fields, parser.dataclass_types)
+        if action.nargs == 0:  # --no_<flag>
+            continue
+        value = _command_line_value(values, fields[action.dest][1])
+        if value is not _UNCHECKED:
+            _check_value("command line", action.dest, value, fields[action.dest])
+
+
+def _or_null(tp):
+    def convert(text):
+        return None if text in ("null", "None") else tp(text)
+
+    convert.__name__ = tp.__name__  # argparse names the type in its errors
+    return convert
+
+
+def recipe_parser(dataclass_types, description: str, prog: str | None = None, epilog: str | None = None):
+    """The parser of every stage: TRL's (`--config recipe.yaml`, then `--key value` overrides, per-field `--help`),
+    reading the command line as described above. `--dataset_path` is read as `--dataset_name` where both exist:
+    the alias given on the command line must beat the recipe's dataset_name, as any flag beats the recipe."""
     from trl import TrlParser
 
     class RecipeParser(TrlParser):
+        @staticmethod
+        def _parse_dataclass_field(parser, field):
+            field = copy.copy(field)  # HfArgumentParser rewrites field.type; the dataclass keeps its own
+            metadata = {k: v for k, v in field.metadata.items() if k not in ("min", "max")}  # not argparse's
+            bounds = _range_text(field.metadata.get("min"), field.metadata.get("max"))
+            if bounds:
+                metadata["help"] = f"{metadata.get('help', '')} Must be {bounds}.".strip()
+            field.metadata = types.MappingProxyType(metadata)
+            names = [f"--{field.name}", *([f"--{field.name.replace('_', '-')}"] if "_" in field.name else [])]
+            if _reads_yaml(field.type):
+                default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+                parser.add_argument(*names, type=yaml.safe_load, default=default, metavar="YAML",
+                                    help=metadata.get("help"))
+                return
+            base, optional = _without_none(field.type)
+            TrlParser._parse_dataclass_field(parser, field)
+            if optional and base in (int, float):
+                parser._actions[-1].type = _or_null(base)
+
         def parse_args_and_config(self, args=None, *rest, **kwargs):
             args = list(sys.argv[1:] if args is None else args)
-            args = ["--dataset_name" if a == "--dataset_path" else a for a in args]
-            return super().parse_args_and_config(args, *rest, **kwargs)
+            options = self._option_string_actions
+            out = []
+            for flag, values, inline in _flags(args):
+                if flag == "--dataset_path" and "--dataset_name" in options:
+                    flag = "--dataset_name"
+                action = options.get(flag)
+                if action is not None and action.nargs == "+" and not inline:
+                    values = [str(v) for v in _flow_list(values)]
+                out += [f"{flag}={values[0]}"] if inline else [*([flag] if flag else []), *values]
+            return super().parse_args_and_config(out, *rest, **kwargs)
 
-    return RecipeParser(dataclass_types, description=description)
+    parser = RecipeParser(dataclass_types, description=description, prog=prog, epilog=epilog)
+    # TrlParser takes --config out of argv before argparse sees it: listed for --help only, never parsed.
+    parser.add_argument("--config", default=argparse.SUPPRESS, help="YAML recipe; --key value flags override its values.")
+    return parser
 
 
 def config_path_from_argv(argv: list[str]) -> str | None:
@@ -186,15 +392,23 @@ def config_path_from_argv(argv: list[str]) -> str | None:
 
 
 def parse_recipe(parser, argv: list[str] | None = None):
-    """Validate the `--config` recipe, then parse it plus CLI overrides with `parser` (a TrlParser)."""
+    """Check the `--config` recipe and the command line, then parse both with `parser` (from `recipe_parser`).
+
+    The dataclasses' own `__post_init__` checks (between fields) become RecipeErrors naming the recipe.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     config_path = config_path_from_argv(argv)
     if config_path is not None:
         config = validate_recipe(config_path, parser.dataclass_types)
         if "dataset_name" in config and "dataset_path" in config:
             raise RecipeError(f"{config_path}: set dataset_name or its alias dataset_path, not both")
-    parsed = parser.parse_args_and_config(argv)
-    if any(getattr(args, "push_to_hub", False) for args in parsed):
+    check_command_line(parser, argv)
+    try:
+        parsed = parser.parse_args_and_config(argv)
+    except ValueError as err:
+        raise RecipeError(f"{config_path or 'command line'}: {err}") from None
+    # TrainingArguments' push_to_hub is a bool (data_gen's is the repo id it publishes to itself).
+    if any(getattr(args, "push_to_hub", None) is True for args in parsed):
         # The Trainer would upload the raw output_dir (checkpoints, TRL's ref/ copy) before the recipe and manifest
         # exist, with a card that knows nothing of the eval: publishing has one path, train.publish.
         raise RecipeError(

@@ -117,7 +117,7 @@ def folder_artifact(name: str, kind: str, folder, files, metadata: dict | None =
 
 def dataset_artifact(data_path, experiment: str):
     """The data_gen folder as W&B will hold it: the files its card's configs name (None for a Hub id)."""
-    from data_gen.card import RECORD, pushed_dataset_id
+    from train.assets import RECORD, pushed_dataset_id
 
     folder = Path(data_path)
     if not folder.is_dir():

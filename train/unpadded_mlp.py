@@ -4,7 +4,7 @@ A padded batch spends the same FLOPs on padding as on tokens. Attention needs th
 layout, but the MLP (three quarters of a Llama-style layer's weights) works token by token, so it can run on
 the real tokens gathered into one `[tokens, hidden]` matrix and scatter its output back. Real tokens get the
 same values (padding never reaches them: attention masks it); padded positions get zeros instead of an MLP
-output nobody reads. Used by the CPU training path (`train.cpu_speed`) only while the batch's mask is set:
+output nobody reads. Used by the label-only LM head (`train.label_only_head`) only while the batch's mask is set:
 
     unpad = UnpaddedMLP(model)          # wraps model.get_decoder().layers[i].mlp; None-safe
     with unpad.tokens(attention_mask):  # [batch, seq] bool, True on real tokens
