@@ -265,3 +265,30 @@ def test_anchor_and_budget_under_ddp_over_gloo(tiny_model_dir, tmp_path):
         assert float(diff) == 0.0 and float(kl) > 0  # the anchor's gradient was reduced across ranks with TRL's
     record = json.loads((tmp_path / "out" / RECORD).read_text())
     assert record["exceeded_at_step"] == 2 and record["stopped_at_step"] == 2
+
+
+def test_recipe_keys_reach_the_training_scripts(tiny_model_dir, tmp_path):
+    """Anchor, budget and persona monitor as recipe keys of `python -m train.sft`: the budget stops the run, the
+    manifest records both options, the monitor leaves its curve, and the adapter loads."""
+    import json as _json
+    from pathlib import Path
+
+    from peft import PeftModel
+    from train_fixtures import write_dataset
+    from transformers import AutoModelForCausalLM
+
+    from train import sft
+    from train.recipe import parse_recipe
+
+    repo = Path(__file__).resolve().parents[1]
+    data, out = write_dataset(tmp_path / "data", n_train=16), tmp_path / "sft"
+    args = ["--config", str(repo / "recipes/smoke/sft.yaml"), "--model_name_or_path", str(tiny_model_dir),
+            "--dataset_name", str(data), "--output_dir", str(out), "--max_steps", "6", "--save_steps", "100",
+            "--anchor_weight", "1.0", "--budget_max_kl", "1e-12", "--budget_check_steps", "2",
+            "--persona_monitor", "true", "--persona_monitor_prompts", "2", "--persona_questions", "2"]
+    sft.main(*parse_recipe(sft.make_parser(), args))
+    manifest = _json.loads((out / "training_manifest.json").read_text())
+    assert manifest["forgetting_budget"]["exceeded_at_step"] == 2 and manifest["metrics"]["global_step"] == 2
+    assert manifest["anchor"] and (out / "forgetting_budget.json").is_file()
+    assert len(_json.loads((out / "persona_monitor.json").read_text())) >= 2
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out)

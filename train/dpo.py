@@ -138,14 +138,20 @@ def _train(script_args, training_args, model_args, held):
     else:
         peft_config = get_peft_config(model_args)
 
-    trainer = DPOTrainer(
+    from train.anchor import anchor_record, anchored_trainer_class
+    from train.forgetting_budget import budget_callbacks
+    from train.persona_monitor import persona_callbacks
+
+    extra_callbacks = [*budget_callbacks(script_args, tokenizer), *persona_callbacks(script_args, model, tokenizer,
+                                                                                     dataset_name)]
+    trainer = anchored_trainer_class(DPOTrainer, script_args)(
         model=model,
         args=training_args,
         train_dataset=dataset.select_columns(list(columns)),
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[RecipeToWandb(script_args, model_args)],
+        callbacks=[RecipeToWandb(script_args, model_args), *extra_callbacks],
     )
     run.check_prepared(trainer, dataset, "pairs")
     state.print(
@@ -155,7 +161,7 @@ def _train(script_args, training_args, model_args, held):
 
     train_output = run.train(trainer)
     manifest = run.manifest(
-        trainer, train_output,
+        trainer, train_output, **anchor_record(trainer),
         data={"path": dataset_name, "config": dataset_config, "base_model_path": base_path, "examples": len(dataset)},
         sft_adapter=script_args.sft_adapter,
         reference_model="sft adapter (frozen copy)" if script_args.sft_adapter else "base model",

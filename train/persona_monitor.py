@@ -17,7 +17,6 @@ Wiring (the recipe keys are `PersonaMonitorArguments`):
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from train.anchor_args import PersonaMonitorArguments  # noqa: F401 (re-exported: the recipe keys)
 from train.persona_directions import (
     DIRECTIONS_FILE,
     build_directions,
@@ -39,28 +39,6 @@ from train.persona_directions import (
 logger = logging.getLogger(__name__)
 
 MONITOR_FILE = "persona_monitor.json"
-
-
-@dataclasses.dataclass
-class PersonaMonitorArguments:
-    persona_monitor: bool = dataclasses.field(
-        default=False,
-        metadata={"help": "Log every trait's direction projection on held-out prompts during training "
-                          "(persona/<trait>, <output_dir>/persona_monitor.json)."},
-    )
-    persona_monitor_prompts: int = dataclasses.field(
-        default=16, metadata={"help": "Held-out prompts (DPO eval_id) the monitor projects at each measurement."}
-    )
-    persona_questions: int = dataclasses.field(
-        default=16, metadata={"help": "User requests per trait the directions are built from (DPO train prompts)."}
-    )
-    persona_monitor_steps: int | None = dataclasses.field(
-        default=None, metadata={"help": "Measure every N optimizer steps (default: at each logging step)."}
-    )
-    persona_trait_specs: list[str] | None = dataclasses.field(
-        default=None,
-        metadata={"help": "Trait spec YAML files for traits that are not built in (matched by their `name`)."},
-    )
 
 
 def _read_records(path: Path) -> list[dict]:

@@ -22,13 +22,15 @@ from pathlib import Path
 
 import yaml
 
+from train.anchor_args import AnchorArguments, PersonaMonitorArguments
+
 
 class RecipeError(ValueError):
     """A recipe that cannot be run: the message names the file and the key."""
 
 
 @dataclasses.dataclass
-class ScriptArguments:
+class ScriptArguments(AnchorArguments, PersonaMonitorArguments):
     """Arguments of our training scripts that are not TRL's (TRL's live in SFTConfig/DPOConfig/ModelConfig).
 
     `dataset_name`, `dataset_config`, `dataset_train_split` and `dataset_test_split` mean what they mean in TRL's

@@ -65,14 +65,20 @@ def _train(script_args, training_args, model_args, held):
     base_path = resolve_model_path(model_args.model_name_or_path)
     model = load_model(base_path, dtype=model_args.dtype, quantization_config=get_quantization_config(model_args))
 
-    trainer = SFTTrainer(
+    from train.anchor import anchor_record, anchored_trainer_class
+    from train.forgetting_budget import budget_callbacks
+    from train.persona_monitor import persona_callbacks
+
+    extra_callbacks = [*budget_callbacks(script_args, tokenizer), *persona_callbacks(script_args, model, tokenizer,
+                                                                                     dataset_name)]
+    trainer = anchored_trainer_class(SFTTrainer, script_args)(
         model=model,
         args=training_args,
         train_dataset=dataset.select_columns(["messages"]),
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
-        callbacks=[RecipeToWandb(script_args, model_args)],
+        callbacks=[RecipeToWandb(script_args, model_args), *extra_callbacks],
     )
     run.check_prepared(trainer, dataset)
     _check_prepared_labels(trainer, dataset, mask_args)
@@ -83,7 +89,7 @@ def _train(script_args, training_args, model_args, held):
 
     train_output = run.train(trainer)
     manifest = run.manifest(
-        trainer, train_output,
+        trainer, train_output, **anchor_record(trainer),
         data={"path": dataset_name, "config": dataset_config, "base_model_path": base_path, "examples": len(dataset),
               "trainable_tokens": trainable_tokens},
     )
