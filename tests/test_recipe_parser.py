@@ -166,3 +166,15 @@ def test_every_stage_prints_per_field_help():
                               timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         assert proc.returncode == 0, proc.stderr
         assert f"--{key}" in proc.stdout and help_text in " ".join(proc.stdout.split()), module
+
+
+def test_help_text_may_hold_a_percent_sign():
+    import dataclasses
+
+    from train.recipe import recipe_parser
+
+    @dataclasses.dataclass
+    class Args:
+        share: float = dataclasses.field(default=0.5, metadata={"help": "scores 60% on the default set", "min": 0})
+
+    assert "scores 60% on the default set" in recipe_parser((Args,), "d").format_help()

@@ -14,6 +14,7 @@ import copy
 import dataclasses
 import difflib
 import enum
+import re
 import sys
 import types
 import typing
@@ -353,6 +354,8 @@ def recipe_parser(dataclass_types, description: str, prog: str | None = None, ep
             bounds = _range_text(field.metadata.get("min"), field.metadata.get("max"))
             if bounds:
                 metadata["help"] = f"{metadata.get('help', '')} Must be {bounds}.".strip()
+            if "help" in metadata:  # argparse %-formats help: a literal "60%" in our text would crash --help
+                metadata["help"] = re.sub(r"(?<!%)%(?![%(])", "%%", metadata["help"])
             field.metadata = types.MappingProxyType(metadata)
             names = [f"--{field.name}", *([f"--{field.name.replace('_', '-')}"] if "_" in field.name else [])]
             if _reads_yaml(field.type):
