@@ -6,14 +6,14 @@ generate.py without generate.py importing teacher.py back.
 """
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Literal, Optional
 
 
 @dataclass
 class TeacherConfig:
     """Teacher-LLM generation over an OpenAI-compatible chat endpoint (used by `python -m data_gen teacher`)."""
 
-    teacher_backend: str = field(default="openai", metadata={
+    teacher_backend: Literal["openai", "transformers"] = field(default="openai", metadata={
         "help": "'openai': any OpenAI-compatible HTTP endpoint; 'transformers': teacher_model/student_model are "
                 "local models (a path, a Hub id, or smollm2-135m-instruct), generated in this process."})
     teacher_base_url: str = field(default="http://127.0.0.1:8000/v1", metadata={
@@ -26,21 +26,18 @@ class TeacherConfig:
     teacher_prompts_jsonl: Optional[str] = field(default=None, metadata={
         "help": "JSONL of {trait, prompt} rows to answer (default: the offline generator's train prompts)."})
     critique_and_revise: bool = field(default=True, metadata={"help": "Critique and revise each teacher answer."})
-    max_concurrency: int = field(default=8, metadata={"help": "Requests in flight at once."})
-    max_retries: int = field(default=5, metadata={
+    max_concurrency: int = field(default=8, metadata={"min": 1, "help": "Requests in flight at once."})
+    max_retries: int = field(default=5, metadata={"min": 0,
         "help": "Retries per request on 429, 5xx, timeouts and broken responses."})
-    backoff_s: float = field(default=1.0, metadata={"help": "First retry delay; doubles on each retry."})
+    backoff_s: float = field(default=1.0, metadata={"min": 0, "help": "First retry delay; doubles on each retry."})
     request_timeout_s: float = field(default=60.0, metadata={
         "help": "Total time allowed per request attempt (not per read)."})
-    max_tokens: int = field(default=512, metadata={"help": "max_tokens per completion."})
-    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature."})
+    max_tokens: int = field(default=512, metadata={"min": 1, "help": "max_tokens per completion."})
+    temperature: float = field(default=0.7, metadata={"min": 0, "help": "Sampling temperature."})
     cache_path: Optional[str] = field(default=None, metadata={
         "help": "Response cache (JSONL); default <output_dir>/teacher_cache.jsonl."})
 
     def __post_init__(self):
-        if self.max_concurrency < 1 or self.max_retries < 0:
-            raise ValueError("'max_concurrency' must be >= 1 and 'max_retries' >= 0")
-        if self.teacher_backend not in ("openai", "transformers"):
-            raise ValueError(f"'teacher_backend' must be 'openai' or 'transformers', got {self.teacher_backend!r}")
+        # Ranges and choices are checked by the recipe parser from the field types and metadata.
         if not self.teacher_base_url.startswith(("http://", "https://")):
             raise ValueError(f"'teacher_base_url' must start with http:// or https://, got {self.teacher_base_url!r}")

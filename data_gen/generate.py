@@ -20,7 +20,7 @@ from train import contract
 from .card import PUSHED, RECORD
 from .leakage import check_split_leakage, check_wording, prompt_text
 from .offline import OOD_AXES, generate_trait
-from .spec import FORMATS, SpecError, load_trait_spec, resolve_trait_path
+from .spec import SpecError, load_trait_spec, resolve_trait_path
 from .user_jsonl import BadRowError, read_user_jsonl
 
 SPLITS = contract.SPLITS
@@ -49,24 +49,24 @@ class DataGenConfig:
     traits: list[str] = field(default_factory=lambda: ["care", "honesty", "instance_reduction"],
                               metadata={"help": "Built-in trait names or paths to trait YAML files."})
     extra_trait_specs: list[str] = field(default_factory=list, metadata={"help": "More trait YAML files to add."})
-    sft_train_per_trait: int = field(default=260, metadata={"help": "SFT train conversations per trait."})
-    dpo_train_per_trait: int = field(default=260, metadata={"help": "DPO train pairs per trait."})
-    eval_id_per_trait: int = field(default=40, metadata={"help": "eval_id pairs per trait."})
-    eval_ood_per_axis_per_trait: int = field(default=24, metadata={"help": "eval_ood pairs per axis per trait."})
+    sft_train_per_trait: int = field(default=260, metadata={"min": 0, "help": "SFT train conversations per trait."})
+    dpo_train_per_trait: int = field(default=260, metadata={"min": 0, "help": "DPO train pairs per trait."})
+    eval_id_per_trait: int = field(default=40, metadata={"min": 1, "help": "eval_id pairs per trait."})
+    eval_ood_per_axis_per_trait: int = field(default=24, metadata={"min": 0, "help": "eval_ood pairs per axis per trait."})
     heldout_formats: list[str] = field(default_factory=lambda: ["multi_turn", "agentic"],
-                                       metadata={"help": f"Formats kept out of train (of {FORMATS})."})
+                                       metadata={"help": f"Formats kept out of train (of {contract.FORMATS})."})
     eval_item_fraction: float = field(default=0.25, metadata={
         "help": "Share of each training domain's scenarios reserved for eval splits."})
     eval_wording_fraction: float = field(default=0.33, metadata={
         "help": "Share of each answer-wording list (templates, phrase variants, prefixes, actions) reserved for eval answers."})
-    seen_wording_fraction: float = field(default=0.5, metadata={
+    seen_wording_fraction: float = field(default=0.5, metadata={"min": 0, "max": 1,
         "help": "Share of eval_id rows also answered in train wording (axis seen_wording) to measure recognition."})
     leakage_embedding_check: bool = field(default=True, metadata={
         "help": "Also check eval prompts against train by MiniLM cosine (exact and n-gram checks always run)."})
     near_duplicate_threshold: float = field(default=0.88, metadata={"help": "Cosine at or above this is a near-duplicate."})
     ngram_containment_threshold: float = field(default=0.8, metadata={
         "help": "Share of an eval prompt's word 5-grams found in one train prompt that counts as a leak."})
-    diversity_sample: int = field(default=400, metadata={"help": "Rows sampled for the near-duplicate rate."})
+    diversity_sample: int = field(default=400, metadata={"min": 0, "help": "Rows sampled for the near-duplicate rate."})
     extra_sft_jsonl: Optional[str] = field(default=None, metadata={"help": "User SFT rows ({messages}) added to train."})
     extra_dpo_jsonl: Optional[str] = field(default=None, metadata={
         "help": "User DPO rows ({prompt, chosen, rejected}) added to train."})
@@ -81,23 +81,18 @@ class DataGenConfig:
         "help": "W&B group shared with the training and eval runs (default: the name of output_dir's parent)."})
 
     def __post_init__(self):
-        for name in ("sft_train_per_trait", "dpo_train_per_trait", "eval_ood_per_axis_per_trait", "diversity_sample"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"'{name}' must be >= 0")
-        if self.eval_id_per_trait < 1:
-            raise ValueError("'eval_id_per_trait' must be >= 1")
-        bad = [f for f in self.heldout_formats if f not in FORMATS]
+        # Closed ranges are field metadata (checked by the recipe parser); what stays here is what metadata cannot
+        # say: open intervals, values relative to other fields, and patterns.
+        bad = [f for f in self.heldout_formats if f not in contract.FORMATS]
         if bad:
-            raise ValueError(f"'heldout_formats' has unknown format(s) {bad}; known: {list(FORMATS)}")
-        if set(FORMATS) <= set(self.heldout_formats):
+            raise ValueError(f"'heldout_formats' has unknown format(s) {bad}; known: {list(contract.FORMATS)}")
+        if set(contract.FORMATS) <= set(self.heldout_formats):
             raise ValueError("'heldout_formats' holds out every format; train needs at least one")
         for name in ("near_duplicate_threshold", "ngram_containment_threshold", "eval_item_fraction"):
             if not 0 < getattr(self, name) <= 1:
                 raise ValueError(f"'{name}' must be in (0, 1]")
         if not 0 < self.eval_wording_fraction < 1:
             raise ValueError("'eval_wording_fraction' must be in (0, 1): both the train and the eval wording pool need entries")
-        if not 0 <= self.seen_wording_fraction <= 1:
-            raise ValueError("'seen_wording_fraction' must be in [0, 1]")
         if self.push_to_hub is not None and not re.fullmatch(r"[\w.-]+/[\w.-]+", self.push_to_hub):
             raise ValueError(f"'push_to_hub' must look like 'user/name', got {self.push_to_hub!r}")
         if not self.traits and not self.extra_trait_specs:

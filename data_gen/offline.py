@@ -19,12 +19,13 @@ from dataclasses import dataclass
 
 from train import contract
 
-from .spec import FORMATS, SpecError, TraitSpec
+from .spec import SpecError, TraitSpec
 
 NAMES = ["Sam", "Priya", "Tomasz", "Aisha", "Lena", "Kwame", "Mei", "Diego", "Olga", "Yusuf", "Hannah", "Ravi"]
 # Relative weights of the formats an example may take (held-out ones are filtered per split).
 FORMAT_WEIGHTS = {"single_turn": 4, "system_prompt": 3, "json": 2, "multi_turn": 3, "agentic": 3}
 OOD_AXES = contract.OOD_AXES
+FORMATS = contract.FORMATS
 _SPACES = re.compile(r"[ \t]{2,}")
 
 

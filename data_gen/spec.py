@@ -6,7 +6,6 @@ examples from. Every error names the file and the field so a user adding a trait
 it without reading this code.
 """
 
-import re
 import string
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,12 +13,11 @@ from pathlib import Path
 import yaml
 
 from train.assets import traits_dir
+from train.contract import TRAIT_NAME
 
 BUILTIN_DIR = traits_dir()
-FORMATS = ("single_turn", "system_prompt", "json", "multi_turn", "agentic")
 KINDS = ("violating", "over_correction")
 # Slots the generator fills itself, available to every template.
-TRAIT_NAME = re.compile(r"[a-z][a-z0-9_]*")
 GLOBAL_SLOTS = {"request", "index", "time", "ticket", "name", "instance"}
 
 # Section -> expected type. Lists must be non-empty lists of non-empty strings unless noted.

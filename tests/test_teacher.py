@@ -187,6 +187,21 @@ def test_teacher_config_errors(tmp_path):
         parse_recipe((DataGenConfig, TeacherConfig), ["--config", str(path)])
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--max_concurrency", "0"], "key 'max_concurrency' must be >= 1, got 0"),
+    (["--max_retries", "-1"], "key 'max_retries' must be >= 0, got -1"),
+    (["--teacher_backend", "vllm"], "key 'teacher_backend' must be one of 'openai', 'transformers'"),
+    (["--sft_train_per_trait", "-2"], "key 'sft_train_per_trait' must be >= 0, got -2"),
+    (["--eval_id_per_trait", "0"], "key 'eval_id_per_trait' must be >= 1, got 0"),
+    (["--seen_wording_fraction", "1.5"], r"key 'seen_wording_fraction' must be in \[0, 1\], got 1.5"),
+])
+def test_data_gen_ranges_are_field_metadata_checked_by_the_one_parser(argv, message):
+    from data_gen.generate import DataGenConfig
+
+    with pytest.raises(RecipeError, match=f"command line: {message}"):
+        parse_recipe((DataGenConfig, TeacherConfig), argv)
+
+
 @pytest.mark.subprocess
 def test_killed_process_resumes_without_repeating_cached_requests(tmp_path):
     """SIGKILL a real `python -m data_gen teacher` run mid-way, then rerun it to completion."""

@@ -95,7 +95,7 @@ def test_sft_then_dpo_saves_complete_adapters(tiny_model_dir, data_dir, tmp_path
 
 
 def test_saved_recipe_keeps_hardware_values_the_user_set(tmp_path):
-    from train.run import asked_keys
+    from train.recipe import asked_keys
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text("use_cpu: true\nlearning_rate: 0.1\n")

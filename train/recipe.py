@@ -340,11 +340,35 @@ def _or_null(tp):
     return convert
 
 
-def recipe_parser(dataclass_types, description: str, prog: str | None = None, epilog: str | None = None):
+# Recipe keys under another name that set a field the hardware may choose
+_ALIASES = {"activation_checkpointing": "gradient_checkpointing"}
+
+
+def asked_keys(argv: list[str]) -> set[str]:
+    """The fields a command line and its `--config` recipe set (`--no_x` sets x)."""
+    keys = set()
+    path = config_path_from_argv(argv)
+    if path:
+        config = yaml.safe_load(open(path).read()) or {}
+        keys |= set(config) if isinstance(config, dict) else set()
+    for arg in argv:
+        if arg.startswith("--"):
+            name = arg[2:].split("=", 1)[0].replace("-", "_")
+            keys |= {name, name[3:]} if name.startswith("no_") else {name}
+    return keys | {_ALIASES[k] for k in keys if k in _ALIASES}
+
+
+def recipe_parser(dataclass_types, description: str, prog: str | None = None, epilog: str | None = None,
+                  chosen_defaults: dict[str, tuple] | None = None):
     """The parser of every stage: TRL's (`--config recipe.yaml`, then `--key value` overrides, per-field `--help`),
     reading the command line as described above. `--dataset_path` is read as `--dataset_name` where both exist:
-    the alias given on the command line must beat the recipe's dataset_name, as any flag beats the recipe."""
+    the alias given on the command line must beat the recipe's dataset_name, as any flag beats the recipe.
+
+    `chosen_defaults` (field -> (value, why)) sit under the recipe and the flags; a parsed ScriptArguments gets
+    `hardware_chosen`, those of them neither set."""
     from trl import TrlParser
+
+    chosen_defaults = dict(chosen_defaults or {})
 
     class RecipeParser(TrlParser):
         @staticmethod
@@ -379,9 +403,15 @@ def recipe_parser(dataclass_types, description: str, prog: str | None = None, ep
                 if action is not None and action.nargs == "+" and not inline:
                     values = [str(v) for v in _flow_list(values)]
                 out += [f"{flag}={values[0]}"] if inline else [*([flag] if flag else []), *values]
-            return super().parse_args_and_config(out, *rest, **kwargs)
+            parsed = super().parse_args_and_config(out, *rest, **kwargs)
+            asked = asked_keys(args)
+            for cfg in parsed:
+                if isinstance(cfg, ScriptArguments):
+                    cfg.hardware_chosen = {key: c for key, c in chosen_defaults.items() if key not in asked}
+            return parsed
 
     parser = RecipeParser(dataclass_types, description=description, prog=prog, epilog=epilog)
+    parser.set_defaults(**{key: value for key, (value, _) in chosen_defaults.items()})
     # TrlParser takes --config out of argv before argparse sees it: listed for --help only, never parsed.
     parser.add_argument("--config", default=argparse.SUPPRESS, help="YAML recipe; --key value flags override its values.")
     return parser

@@ -15,27 +15,6 @@ here, so a check added for one is made for both:
 import os
 import sys
 
-# Recipe keys under another name that set a hardware-chosen field
-_ALIASES = {"activation_checkpointing": "gradient_checkpointing"}
-
-
-def asked_keys(argv: list[str]) -> set[str]:
-    """The fields a command line and its `--config` recipe set (`--no_x` sets x)."""
-    import yaml
-
-    from train.recipe import config_path_from_argv
-
-    keys = set()
-    path = config_path_from_argv(argv)
-    if path:
-        config = yaml.safe_load(open(path).read()) or {}
-        keys |= set(config) if isinstance(config, dict) else set()
-    for arg in argv:
-        if arg.startswith("--"):
-            name = arg[2:].split("=", 1)[0].replace("-", "_")
-            keys |= {name, name[3:]} if name.startswith("no_") else {name}
-    return keys | {_ALIASES[k] for k in keys if k in _ALIASES}
-
 
 def stage_parser(stage: str, dataclass_types, description: str):
     """The stage's recipe parser, with the hardware's defaults (`train.hardware`) under the recipe and the flags.
@@ -44,24 +23,9 @@ def stage_parser(stage: str, dataclass_types, description: str):
     out of the saved recipe (a CPU run's recipe must not carry `use_cpu: true` to a GPU) and recorded in the manifest.
     """
     from train.hardware import hardware_defaults
-    from train.recipe import ScriptArguments, recipe_parser
+    from train.recipe import recipe_parser
 
-    parser = recipe_parser(dataclass_types, description)
-    chosen = hardware_defaults(stage)
-    parser.set_defaults(**{key: value for key, (value, _) in chosen.items()})
-    parse = parser.parse_args_and_config
-
-    def parse_args_and_config(args=None, *rest, **kwargs):
-        parsed = parse(args, *rest, **kwargs)
-        asked = asked_keys(list(sys.argv[1:] if args is None else args))
-        for cfg in parsed:
-            if isinstance(cfg, ScriptArguments):
-                cfg.hardware_chosen = {key: c for key, c in chosen.items() if key not in asked}
-        return parsed
-
-    parser.parse_args_and_config = parse_args_and_config
-    parser.hardware_defaults = chosen
-    return parser
+    return recipe_parser(dataclass_types, description, chosen_defaults=hardware_defaults(stage))
 
 
 def hardware_chosen(stage: str, script_args, training_args) -> dict[str, tuple]:
