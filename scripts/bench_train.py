@@ -44,9 +44,10 @@ NO_GC = {"gradient_checkpointing": False}
 PADDING_FREE = {**NO_GC, "padding_free": True, "max_length": None}  # SFTTrainer refuses a max_length it cannot enforce
 
 
-def setting(config=None, env=None, label_only=False, malloc=False, shared_prompt=False, unpad=False, dropout=None):
+def setting(config=None, env=None, label_only=False, malloc=False, shared_prompt=False, unpad=False, dropout=None,
+            base_dtype="float32"):
     return dict(config=config or {}, env=env or {}, label_only=label_only, malloc=malloc,
-                shared_prompt=shared_prompt, unpad=unpad, dropout=dropout)
+                shared_prompt=shared_prompt, unpad=unpad, dropout=dropout, base_dtype=base_dtype)
 
 
 _COMMON = {
@@ -81,6 +82,11 @@ LEVERS = {
 }
 
 
+# The training scripts' CPU defaults ("fast") and what changes on top of them. Frozen base weights in bf16 (LoRA
+# weights and optimizer state stay fp32, as PEFT upcasts adapters) spare autocast re-casting every weight in every op.
+FAST_VARIANTS = {"fast": {}, "fast + frozen base in bf16": {"base_dtype": "bfloat16"}}
+
+
 def recipe_lora_dropout() -> float:
     """The LoRA dropout of the quickstart SFT recipe (the DPO stage continues that adapter, dropout included)."""
     import yaml
@@ -90,12 +96,12 @@ def recipe_lora_dropout() -> float:
 
 def variant_setting(stage: str, variant: str) -> dict:
     """The setting named `variant`; "fast" is what train/sft.py and train/dpo.py do on this machine."""
-    if variant != "fast":
+    if variant not in FAST_VARIANTS:
         return LEVERS[stage][variant]
     from train.hardware import fast_cpu_overrides
 
     return setting(fast_cpu_overrides(stage), AUTO, label_only=True, malloc=True, shared_prompt=stage == "dpo",
-                   unpad=True, dropout=recipe_lora_dropout())
+                   unpad=True, dropout=recipe_lora_dropout(), **FAST_VARIANTS[variant])
 
 
 def synthetic_sft(n: int, seed: int):
@@ -130,7 +136,7 @@ def worker(stage: str, variant: str, steps: int, batch_size: int, lora_dropout: 
     """Train one variant in this process and return its measurements."""
     import resource
 
-    if variant == "fast" or LEVERS[stage][variant]["env"] == AUTO:  # before torch loads, as in the training scripts
+    if variant in FAST_VARIANTS or LEVERS[stage][variant]["env"] == AUTO:  # before torch loads, as in the training scripts
         from train.hardware import configure_process
 
         configure_process()
@@ -148,7 +154,7 @@ def worker(stage: str, variant: str, steps: int, batch_size: int, lora_dropout: 
     chosen = variant_setting(stage, variant)
     tokenizer = load_tokenizer("smollm2-135m-instruct")
     tokenizer.chat_template = training_chat_template(tokenizer)
-    model = load_model("smollm2-135m-instruct")
+    model = load_model("smollm2-135m-instruct", dtype=chosen["base_dtype"])
     n = steps * batch_size
     make = synthetic_sft if stage == "sft" else synthetic_dpo
     train, held_out = datasets.Dataset.from_list(make(n, 0)), datasets.Dataset.from_list(make(16, 1))
@@ -205,45 +211,96 @@ def worker(stage: str, variant: str, steps: int, batch_size: int, lora_dropout: 
         "page_faults_per_step": (StepTimes.faults[-1] - StepTimes.faults[0]) / (len(t) - 1),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
     }
+    result["losses"] = losses
+    params = sum(p.numel() for p in trainer.model.get_base_model().parameters())  # tied embeddings counted once
+    result["params"] = params
     if stage == "sft":
         result["tokens_per_s"] = (tok[-1] - tok[0]) / timed_s
+        result["useful_gflops"] = result["tokens_per_s"] * 4 * params / 1e9
     else:
         result["pairs_per_s"] = batch_size * (len(t) - 1) / timed_s
+        data = trainer.train_dataset
+        tokens = [2 * len(p) + len(c) + len(r) for p, c, r in
+                  zip(data["prompt_input_ids"], data["chosen_input_ids"], data["rejected_input_ids"])]
+        # Policy forward and backward (4N a token) and reference forward (2N) on both sequences of each pair
+        result["useful_gflops"] = result["pairs_per_s"] * statistics.mean(tokens) * 6 * params / 1e9
         # precompute_ref_log_probs moves the reference forwards into setup: count them, per pair trained
         result["pairs_per_s_with_setup"] = batch_size * steps / (train_s + setup_s)
     return result
 
 
-def run_variant(stage, variant, args) -> dict:
+def matmul_ceiling(tokens: int = 1024, repeats: int = 20) -> dict[str, float]:
+    """GFLOP/s of this machine's matmuls at SmolLM2-135M's linear shapes (tokens x in -> out), weighted by each
+    shape's share of a layer's FLOPs: fp32, and bf16 where the CPU has native bf16 (the ceiling each run is held to)."""
+    from train.hardware import configure_process, cpu_supports_bf16
+
+    configure_process()  # before torch loads, as in the training runs
+    import torch
+
+    # q, k, v, o, gate, up, down of one decoder layer; the LM head (576 -> 49152) runs on labelled tokens only
+    shapes = [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)]
+    out = {}
+    for dtype in [torch.float32] + ([torch.bfloat16] if cpu_supports_bf16() else []):
+        flops = seconds = 0.0
+        for k, n in shapes:
+            a, b = torch.randn(tokens, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+            for _ in range(3):
+                a @ b
+            start = time.perf_counter()
+            for _ in range(repeats):
+                a @ b
+            seconds += time.perf_counter() - start
+            flops += 2 * tokens * k * n * repeats
+        out[str(dtype).removeprefix("torch.")] = flops / seconds / 1e9
+    return out
+
+
+def worker_env() -> dict:
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     env.update(HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false")
-    if variant_setting(stage, variant)["env"] != AUTO:  # AUTO: the worker chooses, as the training scripts do
-        env.update(variant_setting(stage, variant)["env"])
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    cmd = [sys.executable, __file__, "--worker", variant, "--stage", stage, "--steps", str(args.steps),
+    return env
+
+
+def run_worker(args, worker: str, stage: str, env: dict) -> dict:
+    cmd = [sys.executable, __file__, "--worker", worker, "--stage", stage, "--steps", str(args.steps),
            "--batch-size", str(args.batch_size), "--lora-dropout", str(args.lora_dropout)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("BENCH ")]
     if proc.returncode != 0 or not lines:
-        sys.exit(f"{stage}/{variant} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    result = json.loads(lines[-1][len("BENCH "):])
+        sys.exit(f"{stage}/{worker} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("BENCH "):])
+
+
+def run_variant(stage, variant, args) -> dict:
+    env = worker_env()
+    if variant_setting(stage, variant)["env"] != AUTO:  # AUTO: the worker chooses, as the training scripts do
+        env.update(variant_setting(stage, variant)["env"])
+    result = run_worker(args, variant, stage, env)
     floats = {k: round(v, 3) for k, v in result.items() if isinstance(v, float)}
     print(f"  {stage:3} {variant:32} OMP {result['omp_wait_policy']} {json.dumps(floats)}", flush=True)
     return result
 
 
-def summarise(stage: str, results: dict[str, list[dict]]) -> list[str]:
+def summarise(stage: str, results: dict[str, list[dict]], ceiling: dict[str, float]) -> list[str]:
+    """The stage's table. A run's share of the ceiling is against the bf16 ceiling where the CPU has native bf16
+    (the faster of the two), else fp32: the most this machine's matmuls could do at the model's shapes."""
     rate = "tokens_per_s" if stage == "sft" else "pairs_per_s"
     unit = "tokens/s" if stage == "sft" else "pairs/s"
     plain = results["plain"]
-    lines = [f"\n{stage.upper()}: median over {len(plain)} run(s); ratio = median of per-repeat ratios to plain",
-             f"| setting | {unit} | ratio vs plain | peak RSS MB | page faults/step | last-step loss | held-out loss |",
-             "|---|---|---|---|---|---|---|"]
+    best = max(ceiling, key=ceiling.get)
+    lines = [f"\n{stage.upper()}: median over {len(plain)} run(s); ratio = median of per-repeat ratios to plain; "
+             f"share = useful GFLOP/s / the {best} ceiling ({ceiling[best]:.0f} GFLOP/s)",
+             f"| setting | {unit} | ratio vs plain | useful GFLOP/s | share of {best} ceiling | peak RSS MB "
+             "| page faults/step | losses by step (first run) | held-out loss |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for variant, runs in results.items():
         ratios = [r[rate] / p[rate] for r, p in zip(runs, plain)]
         med = lambda key: statistics.median(r[key] for r in runs)  # noqa: E731
-        lines.append(f"| {variant} | {med(rate):.1f} | {statistics.median(ratios):.2f}x | {med('peak_rss_mb'):.0f} "
-                     f"| {med('page_faults_per_step'):,.0f} | {med('last_loss'):.4f} | {med('eval_loss'):.4f} |")
+        curve = " ".join(f"{x:.4f}" for x in runs[0]["losses"])
+        lines.append(f"| {variant} | {med(rate):.2f} | {statistics.median(ratios):.2f}x | {med('useful_gflops'):.0f} "
+                     f"| {med('useful_gflops') / ceiling[best]:.0%} | {med('peak_rss_mb'):.0f} "
+                     f"| {med('page_faults_per_step'):,.0f} | {curve} | {med('eval_loss'):.4f} |")
         if stage == "dpo":
             lines[-1] += f" (with setup: {med('pairs_per_s_with_setup'):.2f} pairs/s)"
     return lines
@@ -269,27 +326,38 @@ def make_parser():
 def main(args):
     if args.steps < 2:
         sys.exit("--steps must be at least 2 (the first step is not timed)")
+    if args.worker == "ceiling":
+        print("BENCH " + json.dumps(matmul_ceiling()))
+        return
     if args.worker:
         print("BENCH " + json.dumps(worker(args.stage, args.worker, args.steps, args.batch_size, args.lora_dropout)))
         return
     stages = ["sft", "dpo"] if args.stage == "both" else [args.stage]
     load = os.getloadavg()[0]
+    from train.hardware import cpu_flags
+
+    model = next((line.partition(":")[2].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), "unknown CPU") if Path("/proc/cpuinfo").exists() else "unknown CPU"
+    native = [f for f in ("avx512_bf16", "amx_bf16") if f in cpu_flags()]
+    print(f"CPU: {model} ({'native bf16: ' + ', '.join(native) if native else 'no native bf16'})")
     print(f"{os.cpu_count()} CPUs, load average {load:.1f} at start; {args.steps} steps x {args.batch_size}, "
           f"{args.repeats} repeat(s)")
+    ceiling = run_worker(args, "ceiling", "sft", worker_env())
+    print("matmul ceiling at SmolLM2-135M's shapes: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in ceiling.items()))
     report = []
     for stage in stages:
         variants = list(LEVERS[stage]) if args.levers else ["plain", "fast"]
         if args.variants:
             variants = args.variants.split(",")
-            unknown = [v for v in variants if v != "fast" and v not in LEVERS[stage]]
+            unknown = [v for v in variants if v not in FAST_VARIANTS and v not in LEVERS[stage]]
             if unknown or variants[0] != "plain":
-                sys.exit(f"--variants must start with plain and name settings of {list(LEVERS[stage]) + ['fast']}: "
+                sys.exit(f"--variants must start with plain and name settings of {list(LEVERS[stage]) + list(FAST_VARIANTS)}: "
                          f"{unknown or variants}")
         results = {v: [] for v in variants}
         for _ in range(args.repeats):
             for variant in variants:
                 results[variant].append(run_variant(stage, variant, args))
-        report += summarise(stage, results)
+        report += summarise(stage, results, ceiling)
     print(f"load average {os.getloadavg()[0]:.1f} at end")
     print("\n".join(report))
 
