@@ -221,7 +221,7 @@ def worker(stage: str, variant: str, steps: int, batch_size: int, lora_dropout: 
         result["pairs_per_s"] = batch_size * (len(t) - 1) / timed_s
         data = trainer.train_dataset
         tokens = [2 * len(p) + len(c) + len(r) for p, c, r in
-                  zip(data["prompt_input_ids"], data["chosen_input_ids"], data["rejected_input_ids"])]
+                  zip(data["prompt_ids"], data["chosen_ids"], data["rejected_ids"])]
         # Policy forward and backward (4N a token) and reference forward (2N) on both sequences of each pair
         result["useful_gflops"] = result["pairs_per_s"] * statistics.mean(tokens) * 6 * params / 1e9
         # precompute_ref_log_probs moves the reference forwards into setup: count them, per pair trained

@@ -3,6 +3,7 @@
 import logging
 import os
 import sys
+import types
 
 import pytest
 import torch
@@ -270,11 +271,26 @@ def test_unpadded_mlp_skips_padding_and_keeps_real_tokens(tiny_model_dir):
         torch.testing.assert_close(body(input_ids=ids, attention_mask=attention).last_hidden_state, plain)
 
 
-def _resolve(stage="dpo", device="cpu", checkpointing=False, **asked):
+def _resolve(stage="dpo", device="cpu", checkpointing=False, bf16=False, dtype="float32", **asked):
     import types
 
-    args = types.SimpleNamespace(device=torch.device(device), gradient_checkpointing=checkpointing)
-    return speedups.resolve(stage, types.SimpleNamespace(**asked), args)
+    args = types.SimpleNamespace(device=torch.device(device), gradient_checkpointing=checkpointing, bf16=bf16)
+    model = types.SimpleNamespace(dtype=dtype, load_in_4bit=False, load_in_8bit=False)
+    return speedups.resolve(stage, types.SimpleNamespace(**asked), args, model)
+
+
+def test_bf16_base_only_under_bf16_autocast_on_a_float32_recipe():
+    model = types.SimpleNamespace(dtype="float32")
+    assert not _resolve()["bf16_base"].used  # fp32 training keeps fp32 weights
+    assert "not under bf16 autocast" in _resolve()["bf16_base"].why
+    chosen = _resolve(bf16=True)
+    assert chosen["bf16_base"].used and speedups.base_dtype(chosen, model) == "bfloat16"
+    assert speedups.base_dtype(_resolve(), model) == "float32"
+    assert not _resolve(bf16=True, dtype="bfloat16")["bf16_base"].used  # the recipe's own dtype stands
+    assert not _resolve(bf16=True, device="cuda")["bf16_base"].used
+    assert not _resolve(bf16=True, bf16_base="off")["bf16_base"].used
+    with pytest.raises(speedups.SpeedupError, match="bf16_base: on.*not under bf16 autocast"):
+        _resolve(bf16_base="on")
 
 
 def test_speedups_auto_on_off():
@@ -330,6 +346,33 @@ def _broken_head(monkeypatch):
         return logits, log_p, token_log_p + 1.0
 
     monkeypatch.setattr(LabelOnlyHead, "token_log_probs", off_by_one)
+
+
+def test_check_bound_is_the_rounding_of_the_compute_dtype():
+    from train.label_only_head import _tolerance
+
+    assert _tolerance(torch.float32, 40.0) == pytest.approx(1e-3, rel=1e-2)  # fp32: the old fixed tolerance
+    assert _tolerance(torch.bfloat16, 25.0) == pytest.approx(1e-3 + 2 * 2**-7 * 25.0)  # 0.39: two bf16 roundings
+    assert _tolerance(torch.float16, 25.0) < 0.05
+    assert _tolerance(torch.bfloat16, 60.0) < 1.0  # an error of a whole nat is caught even at large logits
+
+
+def test_self_check_under_bf16_autocast_passes_and_still_catches_a_broken_head(tiny_model_dir, tmp_path, monkeypatch):
+    trainer = _sft_trainer(tiny_model_dir, tmp_path, gradient_checkpointing=False)
+    trainer.model.train()
+    batch = next(iter(trainer.get_train_dataloader()))
+    _, heads = speedups.apply(trainer)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _loss_and_grads(trainer.model, batch)
+    assert heads[0].active and heads[0].checks["label_only_head"].startswith("checked"), heads[0].checks
+
+    trainer = _sft_trainer(tiny_model_dir, tmp_path, gradient_checkpointing=False)
+    trainer.model.train()
+    _broken_head(monkeypatch)
+    _, heads = speedups.apply(trainer)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _loss_and_grads(trainer.model, batch)
+    assert not heads[0].active and heads[0].checks["label_only_head"].startswith("fell back")
 
 
 def test_sft_self_check_falls_back_to_trls_head(tiny_model_dir, tmp_path, caplog, monkeypatch):

@@ -84,6 +84,7 @@ def _train(script_args, training_args, model_args, held):
     from peft import PeftModel
     from trl import DPOTrainer, get_peft_config, get_quantization_config
 
+    from train import speedups
     from train.data import dataset_source, load_split
     from train.loss_mask import check_preference_pairs
     from train.models import load_model, load_tokenizer, resolve_model_path
@@ -131,7 +132,8 @@ def _train(script_args, training_args, model_args, held):
 
     if not run.claim(dataset):
         return training_args.output_dir
-    model = load_model(base_path, dtype=model_args.dtype, quantization_config=get_quantization_config(model_args))
+    model = load_model(base_path, dtype=speedups.base_dtype(run.speedups, model_args),
+                       quantization_config=get_quantization_config(model_args))
     peft_config = None
     if script_args.sft_adapter:
         model = PeftModel.from_pretrained(model, script_args.sft_adapter, is_trainable=True)

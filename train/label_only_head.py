@@ -63,10 +63,25 @@ def model_problem(model) -> str | None:
     return None
 
 
-def _tolerance(dtype) -> float:
+def _tolerance(dtype, max_abs_logit: float) -> float:
+    """The largest log-prob difference two correct computations of the same logits can show in `dtype`.
+
+    A 16-bit float stores a logit z to within eps * |z| / 2 (bf16: eps = 2^-7). Two computations that each round the
+    same logits (another tiling, another summation order) differ in a token's log-prob z_t - logsumexp(z) by at most
+    2 * eps * max|z|: about 0.4 for bf16 logits near 25, 0.003 for fp16, 1e-5 for fp32. A wrong position, mask or
+    layout moves log-probs by whole nats. 1e-3 is left for fp32's accumulation order.
+    """
     import torch
 
-    return 1e-3 if dtype == torch.float32 else 1e-1
+    return 1e-3 + 2 * torch.finfo(dtype).eps * max_abs_logit
+
+
+def compute_dtype(tensor):
+    """The dtype matmuls on `tensor` run in here: autocast's while it is on, else the tensor's own."""
+    import torch
+
+    device = tensor.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else tensor.dtype
 
 
 class LabelOnlyHead:
@@ -155,11 +170,12 @@ class LabelOnlyHead:
                 self.prompt_checked = True
                 with torch.no_grad():
                     plain = model.base_model(*args, **kwargs).last_hidden_state[:, :-1][mask]
-                    diff = (self.token_log_probs(hidden, target)[2]
-                            - self.token_log_probs(plain, shift_labels[mask])[2]).abs().max()
-                if not torch.equal(target, shift_labels[mask]) or not diff <= _tolerance(hidden.dtype):
+                    logits, _, shared_log_p = self.token_log_probs(hidden, target)
+                    diff = (shared_log_p - self.token_log_probs(plain, shift_labels[mask])[2]).abs().max()
+                    bound = _tolerance(compute_dtype(hidden), float(logits.abs().max()))
+                if not torch.equal(target, shift_labels[mask]) or not diff <= bound:
                     message = (f"DPO shared-prompt forward disagrees with the plain forward on this model (max log-prob "
-                               f"difference {float(diff):.3g})")
+                               f"difference {float(diff):.3g}, bound {bound:.3g})")
                     if self.prompt_required:
                         raise RuntimeError(f"shared_prompt: on, but the {message[4:]}; set shared_prompt: auto or off")
                     logger.warning("%s: using the plain forward", message)
@@ -167,8 +183,9 @@ class LabelOnlyHead:
                     self.shared_prompt = False
                     layout = None
                 else:
-                    logger.info("DPO shared-prompt forward checked against the plain one: max diff %.2g", float(diff))
-                    self.checks["shared_prompt"] = f"checked: max log-prob difference {float(diff):.2g}"
+                    logger.info("DPO shared-prompt forward checked against the plain one: max diff %.2g (bound %.2g)",
+                                float(diff), bound)
+                    self.checks["shared_prompt"] = f"checked: max log-prob difference {float(diff):.2g} (bound {bound:.2g})"
         if layout is None:
             padding, ids = kwargs.get("attention_mask"), kwargs.get("input_ids")
             if checkpointing or padding is None or ids is None or padding.shape != ids.shape:
@@ -183,6 +200,8 @@ class LabelOnlyHead:
         # Metrics only, as in SFTTrainer and DPOTrainer; not for DPO's reference forward (no grad in training)
         metrics = torch.is_grad_enabled() or not model.training
         logits, log_p, token_log_p = self.token_log_probs(hidden, target, full=metrics)
+        if not self.head_checked:  # the first batch's largest logit sets its check's rounding bound
+            self.max_abs_logit = float(logits.detach().abs().max()) if logits.numel() else 0.0
 
         def spread(x):  # back to (batch, seq), zero on ignored positions, like TRL's head
             return x.new_zeros(mask.shape).masked_scatter(mask, x)
@@ -215,14 +234,15 @@ class LabelOnlyHead:
             plain = self.previous_forward(*args, fused_lm_head=True, labels=labels, shift_labels=shift_labels,
                                           num_items_in_batch=num_items_in_batch, **kwargs)
         diff = float((out.log_probs.detach() - plain.log_probs.to(device)).abs().max()) if plain.log_probs.numel() else 0.0
-        autocast = torch.is_autocast_enabled(device.type)
-        tolerance = _tolerance(torch.bfloat16 if autocast else self.model.get_output_embeddings().weight.dtype)
+        bound = _tolerance(compute_dtype(self.model.get_output_embeddings().weight), self.max_abs_logit)
         same_mask = torch.equal(out.label_mask.to(device), plain.label_mask.to(device))
-        if same_mask and diff <= tolerance:
-            logger.info("Label-only LM head checked against TRL's head on the first batch: max log-prob diff %.2g", diff)
-            self.checks["label_only_head"] = f"checked: max log-prob difference {diff:.2g} against TRL's head"
+        if same_mask and diff <= bound:
+            logger.info("Label-only LM head checked against TRL's head on the first batch: max log-prob diff %.2g "
+                        "(bound %.2g)", diff, bound)
+            self.checks["label_only_head"] = f"checked: max log-prob difference {diff:.2g} (bound {bound:.2g}) against TRL's head"
             return True
-        message = f"label-only LM head disagrees with TRL's head on this model (max log-prob difference {diff:.3g})"
+        message = (f"label-only LM head disagrees with TRL's head on this model (max log-prob difference {diff:.3g}, "
+                   f"bound {bound:.3g})")
         if self.head_required:
             raise RuntimeError(f"label_only_head: on, but the {message}; set label_only_head: auto or off")
         logger.warning("The %s: using TRL's head", message)

@@ -57,7 +57,7 @@ class TrainingRun:
         self.state = PartialState()  # binds each process to its device before the model loads (no device_map in DDP)
         self.strategy = checked_strategy(self.state)  # before any work: FSDP/DeepSpeed asked for but not set up
         self.hardware = hardware_chosen(stage, script_args, training_args)
-        self.speedups = speedups.resolve(stage, script_args, training_args)  # `on` that cannot apply fails here
+        self.speedups = speedups.resolve(stage, script_args, training_args, model_args)  # `on` that cannot apply fails here
         self.heads = []
         self.resume = self.resumed_at_step = self.recipe = self.data_sha256 = None
 

@@ -28,6 +28,7 @@ def main(script_args, training_args, model_args):
 def _train(script_args, training_args, model_args, held):
     from trl import SFTTrainer, get_peft_config, get_quantization_config
 
+    from train import speedups
     from train.data import dataset_source, load_split
     from train.loss_mask import check_trainable_tokens, format_token_view, use_training_chat_template
     from train.models import load_model, load_tokenizer, resolve_model_path
@@ -63,7 +64,8 @@ def _train(script_args, training_args, model_args, held):
     if not run.claim(dataset):
         return training_args.output_dir
     base_path = resolve_model_path(model_args.model_name_or_path)
-    model = load_model(base_path, dtype=model_args.dtype, quantization_config=get_quantization_config(model_args))
+    model = load_model(base_path, dtype=speedups.base_dtype(run.speedups, model_args),
+                       quantization_config=get_quantization_config(model_args))
 
     from train.anchor import anchor_record, anchored_trainer_class
     from train.forgetting_budget import budget_callbacks

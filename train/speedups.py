@@ -7,6 +7,8 @@
 - `unpadded_mlp`: MLPs on real tokens only (`train.unpadded_mlp`); `auto`: with the label-only head and no gradient
   checkpointing.
 - `keep_freed_memory`: glibc keeps freed memory for reuse (`train.hardware.keep_freed_memory`); `auto`: on CPU.
+- `bf16_base`: the frozen base weights loaded in bf16 when training runs under bf16 autocast (LoRA weights and
+  optimizer state stay fp32); `auto`: on CPU, where autocast would otherwise re-cast every weight in every op.
 
 `auto` uses a speed-up where it applies and says why not where it does not; `on` where it cannot apply stops the run
 before training; `off` never uses it. What was used, and why, goes to the run manifest (`record`).
@@ -18,7 +20,7 @@ import logging
 logger = logging.getLogger(__name__)
 
 CHOICES = ("auto", "on", "off")
-NAMES = ("label_only_head", "shared_prompt", "unpadded_mlp", "keep_freed_memory")
+NAMES = ("label_only_head", "shared_prompt", "unpadded_mlp", "keep_freed_memory", "bf16_base")
 
 
 class SpeedupError(ValueError):
@@ -46,7 +48,7 @@ def _choose(name: str, asked: str, problem: str | None, why_used: str) -> Choice
     return Choice(asked, False, problem)
 
 
-def resolve(stage: str, script_args, training_args) -> dict[str, Choice]:
+def resolve(stage: str, script_args, training_args, model_args=None) -> dict[str, Choice]:
     """Each speed-up's choice for this run, from the recipe's `auto|on|off`, the device and the installed TRL.
 
     Model-dependent limits (a head with a bias, scaled logits) are checked when the trainer exists (`install`).
@@ -87,7 +89,24 @@ def resolve(stage: str, script_args, training_args) -> dict[str, Choice]:
         malloc = f"{device}: the large tensors live in device memory"
     choices["keep_freed_memory"] = _choose("keep_freed_memory", asked["keep_freed_memory"], malloc,
                                            "cpu: large freed blocks are reused, not page-faulted in every step")
+    base = None
+    dtype = str(getattr(model_args, "dtype", "float32"))
+    if not getattr(training_args, "bf16", False):
+        base = "training is not under bf16 autocast"
+    elif model_args is None or getattr(model_args, "load_in_4bit", False) or getattr(model_args, "load_in_8bit", False):
+        base = "the base is quantized" if model_args is not None else "no model arguments"
+    elif dtype not in ("float32", "torch.float32"):
+        base = f"the recipe loads the base in {dtype}"
+    elif device != "cpu" and asked["bf16_base"] == "auto":
+        base = f"{device}: the recipe's dtype decides there"
+    choices["bf16_base"] = _choose("bf16_base", asked["bf16_base"], base,
+                                   "cpu bf16 autocast: base weights stored in bf16, not re-cast in every op")
     return choices
+
+
+def base_dtype(choices: dict[str, Choice], model_args) -> str:
+    """The dtype the base model loads in."""
+    return "bfloat16" if choices["bf16_base"].used else model_args.dtype
 
 
 def install(trainer, choices: dict[str, Choice]) -> list:
