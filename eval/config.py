@@ -21,9 +21,10 @@ class EvalConfig:
     adapters: dict[str, str] = field(default_factory=dict, metadata={
         "help": "Name -> PEFT adapter folder. Every adapter is scored against the same base, with the chat template "
                 "saved in the adapters (all adapters must carry the same one)."})
-    dtype: str = field(default="float32", metadata={
-        "help": "'float32', 'bfloat16' or 'auto' (bfloat16 on a CUDA GPU that supports it, else float32). bf16 is "
-                "also faster on CPUs with AVX512-BF16, but log-probs are noisier."})
+    dtype: str = field(default="auto", metadata={
+        "help": "'float32', 'bfloat16' or 'auto': bfloat16 where the hardware runs it natively (a CUDA GPU that "
+                "supports it, a CPU with AVX512-BF16 or AMX), else float32. bf16 log-probs are rounder than fp32; "
+                "set float32 for exact ones."})
     device: str = field(default="auto", metadata={
         "help": "'auto' (the first CUDA GPU when there is one, else the CPU), 'cpu', 'cuda' or 'cuda:N'."})
 
@@ -45,7 +46,11 @@ class EvalConfig:
     bootstrap_samples: int = field(default=1000, metadata={"help": "Resamples for the 95 percent intervals.", "min": 1})
 
     # Speed
-    batch_size: int = field(default=8, metadata={"help": "Sequences per forward pass.", "min": 1})
+    batch_size: int = field(default=8, metadata={"help": "Sequences per scoring forward pass.", "min": 1})
+    generation_batch_size: int = field(default=32, metadata={
+        "help": "Prompts answered together by the transformers generation backend (one KV cache, left padding): "
+                "greedy decoding costs about the same per step for 1 or 32 prompts on a small model, so larger "
+                "batches finish sooner while memory allows.", "min": 1})
     max_length: int = field(default=512, metadata={
         "help": "Longest scored sequence in tokens (longer prompts are cut from the left).", "min": 8})
 

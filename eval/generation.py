@@ -104,7 +104,7 @@ def generate_variants(variants, cfg, conversations: list[list[dict]]) -> tuple[d
     if cfg.generation_backend == "transformers":
         for name in variants.names:
             with variants.use(name) as model:
-                answers[name] = generate(model, variants.tokenizer, conversations, cfg.max_new_tokens, cfg.batch_size,
+                answers[name] = generate(model, variants.tokenizer, conversations, cfg.max_new_tokens, cfg.generation_batch_size,
                                          desc=f"generate {name}")
     elif cfg.generation_backend == "openai":
         for name in variants.names:

@@ -157,7 +157,10 @@ def test_eval_device_and_dtype_follow_the_machine():
 
     with pytest.raises(ValueError, match="device must be"):
         EvalConfig(device="gpu", suites=["probes"])
-    assert resolve_dtype("auto", "cpu") == torch.float32
+    assert resolve_dtype("auto", "cpu", cpu_flags={"avx2"}) == torch.float32  # emulated bf16 is slower than fp32
+    assert resolve_dtype("auto", "cpu", cpu_flags={"avx2", "avx512_bf16"}) == torch.bfloat16
+    assert resolve_dtype("auto", "cpu", cpu_flags={"amx_bf16"}) == torch.bfloat16
+    assert resolve_dtype("float32", "cpu", cpu_flags={"avx512_bf16"}) == torch.float32  # an explicit dtype stands
     if not torch.cuda.is_available():
         assert resolve_device("auto") == "cpu"
         with pytest.raises(ValueError, match="no CUDA GPU"):
