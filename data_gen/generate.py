@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Optional
 
 from train import contract
+from train.assets import PUSHED, RECORD
 
-from .card import PUSHED, RECORD
 from .leakage import check_split_leakage, check_wording, prompt_text
 from .offline import OOD_AXES, generate_trait
 from .spec import SpecError, load_trait_spec, resolve_trait_path

@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from data_gen.card import read_record
 from data_gen.generate import DataGenConfig, build, main
 from data_gen.leakage import LeakageError, check_leakage, find_leaks, prompt_text
 from data_gen.recipe import RecipeError, parse_recipe
 from data_gen.spec import BUILTIN_DIR, SpecError, load_trait_spec
 from data_gen.user_jsonl import BadRowError
+from train.assets import read_record
 
 TRAITS = ["care", "honesty", "instance_reduction"]
 SFT_COLS = ["messages", "trait", "split", "axis", "domain", "format", "id", "wording"]
