@@ -5,11 +5,11 @@ import sys
 
 from train.hardware import configure_process
 
-# OpenMP threads that spin at barriers stall every op when the CPU is shared; libgomp reads the wait policy once,
-# at torch import, so it is chosen before anything imports torch (see train/hardware.py).
-configure_process()
 
 def main():
+    # OpenMP threads that spin at barriers stall every op when the CPU is shared; libgomp reads the wait policy
+    # once, at torch import, so it is chosen before anything imports torch (see train/hardware.py).
+    configure_process()
     command = sys.argv[1] if len(sys.argv) > 1 else None
     if command == "mcq":
         from eval.mcq import main as mcq_main
