@@ -21,8 +21,12 @@ def main():
         aggregate_main(sys.argv[2:])
     else:
         from eval.run import main as run_main
+        from train.recipe import RecipeError
 
-        run_main(sys.argv[1:])
+        try:
+            run_main(sys.argv[1:])
+        except RecipeError as e:  # a recipe check that needs the files (eval/config.py: check_paths): no traceback
+            raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from transformers import TrainerCallback
 
 from train.anchor_args import budget_on
 from train.assets import package_file
+from train.recipe import RecipeError
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ def replay_texts(n: int) -> tuple[list[str], str]:
     paras = _distinct_paragraphs()
     end = len(paras) - BUDGET_TEXTS
     if n > end:
-        raise ValueError(f"anchor_replay_texts: {n} is more than the {end} paragraphs left before the budget's")
+        raise RecipeError(f"anchor_replay_texts: {n} is more than the {end} paragraphs left before the budget's")
     return paras[end - n:end], f"lee_background.cor distinct paragraphs [{end - n}:{end}]"
 
 
@@ -78,12 +79,12 @@ def check_disjoint_from_eval(args) -> None:
     for name in probe_sets:
         shared = ours & {s for p in load_probes(name) for s in (_norm(p["text"]), _norm(p["false"]))}
         if shared:
-            raise ValueError(f"budget_probe_set: {args.budget_probe_set} shares {len(shared)} sentence(s) with eval's "
+            raise RecipeError(f"budget_probe_set: {args.budget_probe_set} shares {len(shared)} sentence(s) with eval's "
                              f"probe set {name} ({source}), e.g. {sorted(shared)[0]!r}; choose a set eval does not score")
     texts = set(held_out_texts()[0]) | (set(replay_texts(args.anchor_replay_texts)[0]) if args.anchor_weight > 0 else set())
     first_ours = min(i for i, p in enumerate(reference_paragraphs()) if p in texts)
     if eval_paragraphs > first_ours:
-        raise ValueError(f"{source}: reference_paragraphs {eval_paragraphs} reaches the anchor's or budget's texts "
+        raise RecipeError(f"{source}: reference_paragraphs {eval_paragraphs} reaches the anchor's or budget's texts "
                          f"(the first is paragraph {first_ours}); lower it or anchor_replay_texts")
 
 
@@ -148,7 +149,7 @@ def base_of(model):
     from peft import PeftModel
 
     if not isinstance(model, PeftModel):
-        raise ValueError("anchor_weight / budget_max_*: need a LoRA adapter (use_peft: true, or DPO's sft_adapter), "
+        raise RecipeError("anchor_weight / budget_max_*: need a LoRA adapter (use_peft: true, or DPO's sft_adapter), "
                          "whose base is the same model with the adapter switched off")
     return model.disable_adapter()
 

@@ -46,12 +46,13 @@ class TrainingRun:
 
         from train import speedups
         from train.outputs import checked_strategy
+        from train.recipe import RecipeError
 
         if not model_args.use_peft:
-            raise ValueError("This pipeline trains LoRA adapters: set `use_peft: true` in the recipe.")
+            raise RecipeError("use_peft: this pipeline trains LoRA adapters: set `use_peft: true` in the recipe.")
         if not model_args.model_name_or_path:
             example = "the base model the SFT adapter was trained on" if stage == "dpo" else "e.g. smollm2-135m-instruct"
-            raise ValueError(f"Set `model_name_or_path` in the recipe ({example}).")
+            raise RecipeError(f"model_name_or_path: set it in the recipe ({example}).")
         self.stage, self.script_args, self.training_args, self.model_args, self.held = (
             stage, script_args, training_args, model_args, held)
         self.state = PartialState()  # binds each process to its device before the model loads (no device_map in DDP)
@@ -192,6 +193,6 @@ def script_main(make_parser, main) -> None:
 
     try:
         args = parse_recipe(make_parser())
+        main(*args)  # the checks that need the parsed recipe as a whole raise RecipeError too
     except RecipeError as err:
         sys.exit(f"error: {err}")
-    main(*args)
