@@ -12,12 +12,11 @@ from data_gen.leakage import LeakageError, check_leakage, find_leaks, prompt_tex
 from data_gen.recipe import RecipeError, parse_recipe
 from data_gen.spec import BUILTIN_DIR, SpecError, load_trait_spec
 from data_gen.user_jsonl import BadRowError
+from train import contract
 from train.assets import read_record
 
-TRAITS = ["care", "honesty", "instance_reduction"]
-SFT_COLS = ["messages", "trait", "split", "axis", "domain", "format", "id", "wording"]
-DPO_COLS = ["prompt", "chosen", "rejected", "trait", "split", "axis", "failure_mode", "domain", "format", "framing",
-            "pair_id", "id", "wording"]
+TRAITS = list(contract.BUILTIN_TRAITS)
+SFT_COLS, DPO_COLS = list(contract.COLUMNS["sft"]), list(contract.COLUMNS["dpo"])
 SMALL = ["--sft_train_per_trait", "30", "--dpo_train_per_trait", "40", "--eval_id_per_trait", "16",
          "--eval_ood_per_axis_per_trait", "16", "--leakage_embedding_check", "false", "--diversity_sample", "50"]
 
