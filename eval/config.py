@@ -4,11 +4,11 @@ overrides and checked (file and key named) before any model loads."""
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from train.assets import DEFAULT_PROBES, probe_path
 from train.recipe import RecipeError, parse_recipe, recipe_parser
 
 SUITES = ("preference", "endorsement", "forgetting", "probes", "diff", "generation", "mcq", "lm_eval")
 MCQ_KEYS = ("dataset", "data_files", "split", "config_name", "trait_direction")
-DEFAULT_PROBES = ("factual/expanded_150.json", "factual/default.json", "factual/commonsense.json", "bench/logic.json")
 
 
 @dataclass
@@ -167,8 +167,6 @@ def check_paths(cfg: EvalConfig) -> None:
     if cfg.dataset_path and not Path(cfg.dataset_path).is_dir():
         raise FileNotFoundError(f"dataset_path {cfg.dataset_path} is not a folder (expected a data_gen output folder)")
     if "probes" in cfg.suites:
-        from eval.forgetting import probe_path
-
         for name in cfg.probe_sets:
             try:
                 probe_path(name)

