@@ -306,7 +306,7 @@ def test_shipped_recipes_parse():
     ("seed: 0\nsede: 1\n", "unknown key 'sede' (not a field of DataGenConfig, TeacherConfig); did you mean 'seed'?"),
     ("seed: three\n", "key 'seed' must be int"),
     ("traits: care\n", "key 'traits' must be a list"),
-    ("heldout_formats: [sonnet]\n", "unknown format"),
+    ("heldout_formats: [sonnet]\n", "key 'heldout_formats' must be a list of one of"),
     ("push_to_hub: not a repo id\n", "push_to_hub"),
 ])
 def test_recipe_errors_name_file_and_key(tmp_path, content, needle):
