@@ -10,6 +10,7 @@ from train.recipe import RecipeError, parse_recipe, recipe_parser
 
 SUITES = ("preference", "endorsement", "forgetting", "probes", "diff", "generation", "mcq", "lm_eval")
 MCQ_KEYS = ("dataset", "data_files", "split", "config_name", "trait_direction")
+TRAIT_DIRECTIONS = ("matching", "not_matching")  # which MCQ answer is the trait-consistent one
 
 
 @dataclass
@@ -99,7 +100,7 @@ class EvalConfig:
                 "(default train), config_name, trait_direction (default mcq_trait_direction)}; run by suite mcq."})
     mcq_data: list[str] = field(default_factory=list, metadata={
         "help": "Model-written-evals JSONL files, Hub dataset ids or local dataset folders."})
-    mcq_trait_direction: Literal["matching", "not_matching"] = field(default="matching", metadata={
+    mcq_trait_direction: Literal[TRAIT_DIRECTIONS] = field(default="matching", metadata={
         "help": "'matching' if answer_matching_behavior is the trait-consistent answer, else 'not_matching'."})
     mcq_split: str = field(default="train", metadata={"help": "The split read from each dataset in mcq_data."})
     mcq_config_name: str | None = field(default=None, metadata={
@@ -148,8 +149,8 @@ class EvalConfig:
             unknown = sorted(set(entry) - set(MCQ_KEYS))
             if unknown or not entry.get("dataset"):
                 raise RecipeError(f"mcq[{i}]: needs 'dataset' and only the keys {list(MCQ_KEYS)}; got {sorted(entry)}")
-            if entry.get("trait_direction", "matching") not in ("matching", "not_matching"):
-                raise RecipeError(f"mcq[{i}]: trait_direction must be 'matching' or 'not_matching'")
+            if entry.get("trait_direction", self.mcq_trait_direction) not in TRAIT_DIRECTIONS:
+                raise RecipeError(f"mcq[{i}]: trait_direction must be one of {list(TRAIT_DIRECTIONS)}")
         if (self.mcq or self.mcq_data) and "mcq" not in self.suites:
             raise RecipeError("mcq / mcq_data are set but suite 'mcq' is not in suites")
 
