@@ -9,7 +9,8 @@ here, so a check added for one is made for both:
     if run.claim(dataset): ...                                              # run folder, resume, W&B
     run.check_prepared(trainer, dataset)                                    # the trainer kept every row
     output = run.train(trainer)                                             # speed-ups installed, adapter moved
-    run.finish(trainer, output, data={...}, inputs=[...])                   # adapter, recipe, manifest, W&B
+    manifest = run.manifest(trainer, output, data={...}, ...)               # the run's record, both stages alike
+    run.finish(trainer, manifest, inputs=[...])                             # adapter, recipe, manifest, W&B
 """
 
 import os
