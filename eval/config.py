@@ -159,7 +159,7 @@ def check_paths(cfg: EvalConfig) -> None:
     """Every file and folder the selected suites read or write, checked before the first suite runs."""
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
-        raise RecipeError(f"output_dir: {out} is a file, not a folder")
+        raise RecipeError(f"output_dir {out} is a file, not a folder")
     if cfg.dataset_path and not Path(cfg.dataset_path).is_dir():
         raise FileNotFoundError(f"dataset_path {cfg.dataset_path} is not a folder (expected a data_gen output folder)")
     if "probes" in cfg.suites:
