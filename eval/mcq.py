@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from eval.config import EvalConfig, check_source
 from eval.scoring import render_chat, score_items
 from eval.stats import summarize
 
@@ -64,13 +65,6 @@ def parse_rows(records, source: str, skip_bad_rows: bool = False, unit: str = "l
             continue
         rows.append({unit: number, **row})
     return rows, bad
-
-
-def check_source(data: str) -> None:
-    """A name that can only be a local file or folder must exist (anything else may be a Hub id)."""
-    path = Path(data)
-    if not path.exists() and (path.suffix in (".jsonl", ".json") or data.startswith((".", "/", "~"))):
-        raise FileNotFoundError(f"{data}: MCQ file not found")
 
 
 def load_mcq(data: str, skip_bad_rows: bool = False, split: str = "train", config_name: str | None = None,
@@ -155,8 +149,6 @@ def _eval_key(name: str) -> dict:
     """The default, type and choices of the eval recipe key `name` (EvalConfig), for the flag that is the same key."""
     import dataclasses
     import typing
-
-    from eval.config import EvalConfig
 
     field = {f.name: f for f in dataclasses.fields(EvalConfig)}[name]
     tp = typing.get_type_hints(EvalConfig)[name]
