@@ -96,7 +96,6 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = parse_config(argv)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     from eval.report import headline, write_report
 
     report = write_report(evaluate(cfg), cfg.output_dir)
