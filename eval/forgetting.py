@@ -85,7 +85,8 @@ def forgetting_suite(variants, cfg) -> dict:
     ref_items = [render_text(tok, p, cfg.reference_max_tokens) for p in paras]
     convs = [[{"role": "user", "content": p}] for p in NEUTRAL_PROMPTS]
     with variants.use("base") as model:
-        answers = generate(model, tok, convs, cfg.neutral_max_new_tokens, cfg.batch_size, desc="base answers to neutral prompts")
+        answers = generate(model, tok, convs, cfg.neutral_max_new_tokens, cfg.generation_batch_size,
+                           desc="base answers to neutral prompts")
     keep = [i for i, a in enumerate(answers) if a]
     chat_items = [render_chat(tok, convs[i], answers[i], cfg.max_length) for i in keep]
     items: list[Item] = ref_items + chat_items

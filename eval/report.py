@@ -404,6 +404,8 @@ def render_markdown(r: dict) -> str:
         L += ["## Plots", ""] + [f"![{Path(p).stem}](plots/{Path(p).name})" for p in r["plots"]] + [""]
     if r.get("timings"):
         L += ["## Timings (s)", "", ", ".join(f"{k}: {v:.1f}" for k, v in r["timings"].items()), ""]
+        if r.get("peak_rss_gib") is not None:
+            L[-1:-1] = ["", f"Peak resident memory: {r['peak_rss_gib']:.2f} GiB."]
     return "\n".join(L)
 
 

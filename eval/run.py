@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import time
 
 from eval.config import EvalConfig, check_paths, parse_config
@@ -88,6 +89,11 @@ def evaluate(cfg: EvalConfig) -> dict:
         report["lm_eval"] = timed("lm_eval", lambda: lm_eval_suite(variants, cfg))
     timings["total"] = time.time() - t0
     report["timings"] = timings
+    if sys.platform != "win32":  # ru_maxrss: KiB on Linux, bytes on macOS
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**30 if sys.platform == "darwin" else 2**20)
+        report["peak_rss_gib"] = round(peak, 3)
     return report
 
 

@@ -85,8 +85,15 @@ LEVERS = {
 # The training scripts' CPU defaults ("fast") and what changes on top of them: the same forward in fp32 (the losses
 # bf16 autocast must stay within noise of), and frozen base weights in bf16 (LoRA weights and optimizer state stay
 # fp32, as PEFT upcasts adapters), which spares autocast re-casting every weight in every op.
+# Gradient accumulation halves the activations held at once (a step still sees the same 8 examples).
+HALF_BATCHES = {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2}
 FAST_VARIANTS = {"fast": {}, "fast in fp32": {"config": {"bf16": False}},
-                 "fast + frozen base in bf16": {"base_dtype": "bfloat16"}}
+                 "fast + frozen base in bf16": {"base_dtype": "bfloat16"},
+                 "fast + 4x2 accumulation": {"config": HALF_BATCHES},
+                 "fast + frozen base in bf16 + 4x2 accumulation": {"base_dtype": "bfloat16", "config": HALF_BATCHES},
+                 "fast + frozen base in bf16 + 2x4 accumulation": {
+                     "base_dtype": "bfloat16",
+                     "config": {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 4}}}
 
 
 def recipe_lora_dropout() -> float:

@@ -92,13 +92,12 @@ class ScriptArguments(AnchorArguments, PersonaMonitorArguments):
     keep_freed_memory: typing.Literal["auto", "on", "off"] = dataclasses.field(
         default="auto", metadata={"help": "glibc keeps freed memory for reuse instead of returning it (auto: on CPU)."}
     )
-    # Off by default: 8-10% faster and 0.3-0.85 GB less peak memory in scripts/bench_train.py, but losses within
-    # noise of fp32 weights are not yet shown (README "Performance").
+    # auto: faster, less memory, losses as bf16 autocast's with fp32 weights (measured: README "Performance")
     bf16_base: typing.Literal["auto", "on", "off"] = dataclasses.field(
-        default="off",
+        default="auto",
         metadata={"help": "Load the frozen base weights in bf16 when training runs under bf16 autocast, so they are not "
                           "re-cast in every op (LoRA weights and optimizer state stay fp32, as PEFT keeps them). auto: "
-                          "on a CPU, with a float32 recipe dtype; off by default."},
+                          "on a CPU, with a float32 recipe dtype (the default)."},
     )
 
 

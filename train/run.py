@@ -168,7 +168,9 @@ class TrainingRun:
         from train.tracking import finish_training_run
 
         save_run(trainer, self.recipe, manifest)
-        self.state.print(f"Saved adapter to {self.training_args.output_dir}")
+        peak = manifest.get("metrics", {}).get("peak_rss_gib")
+        self.state.print(f"Saved adapter to {self.training_args.output_dir}"
+                         + (f" (peak resident memory of rank 0: {peak} GiB)" if peak is not None else ""))
         finish_training_run(self.stage, self.training_args, self.script_args, manifest, inputs=inputs)
         # Ranks leave together: rank 0 still writes the run's files, and a rank that tears the process group down
         # meanwhile was seen to leave the launch hanging (gloo, 2 CPU processes).
