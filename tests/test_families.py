@@ -199,5 +199,8 @@ def test_gpu_recipe_set_chains_on_a_tiny_model_of_its_family(recipe_set, family,
                         "--output_dir", str(tmp_path / "eval"), "--batch_size", "4", "--max_length", "384",
                         "--reference_paragraphs", "4", "--reference_max_tokens", "32", "--neutral_max_new_tokens", "8",
                         "--generation_prompts", "2", "--max_new_tokens", "8", "--wandb", "false"])
-    assert report["device"] == "cpu" and report["dtype"] == "float32"  # dtype auto: fp32 without a GPU
+    # dtype auto: without a GPU, bf16 only on a CPU with native bf16 matmuls
+    from train.hardware import cpu_supports_bf16
+
+    assert report["device"] == "cpu" and report["dtype"] == ("bfloat16" if cpu_supports_bf16() else "float32")
     assert report["preference"] and (tmp_path / "eval" / "report.md").is_file()
