@@ -178,7 +178,7 @@ def test_dataset_path_is_an_alias_in_train_and_a_field_of_its_own_in_eval():
 def test_every_stage_prints_per_field_help():
     commands = {
         "data_gen": ("seed", "Same seed, byte-identical JSONL."),
-        "eval": ("batch_size", "Sequences per forward pass. Must be >= 1."),
+        "eval": ("batch_size", "Sequences per scoring forward pass. Must be >= 1."),
         "train.sft": ("dataset_path", "Alias of dataset_name"),
     }
     for module, (key, help_text) in commands.items():
