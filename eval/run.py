@@ -15,15 +15,14 @@ def evaluate(cfg: EvalConfig) -> dict:
 
     from eval.trait_specs import preflight
     from eval.variants import load_variants
-    from train.hardware import keep_freed_memory
 
     check_paths(cfg)  # a bad path fails here, not after the suites before it have run
     specs = preflight(cfg)  # a trait without the spec sections a suite needs fails here, before any model loads
     torch.manual_seed(cfg.seed)
     timings, t0 = {}, time.time()
     variants = load_variants(cfg.model, cfg.adapters, cfg.dtype, cfg.device)
-    # Scoring allocates vocabulary-wide logits per batch: reuse that memory rather than page-fault it in again
-    keep_freed_memory(next(variants.model.parameters()).device)
+    # glibc keeps its default thresholds here (train.hardware.keep_freed_memory is training's): with them raised, the
+    # eval's mix of logits, KV caches and generation buffers left 2 GB of freed heap resident (README "Performance")
     timings["load"] = time.time() - t0
     n_params = sum(p.numel() for name, p in variants.model.named_parameters() if "lora_" not in name)  # the base
     report = {
