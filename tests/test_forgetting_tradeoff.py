@@ -1,6 +1,10 @@
-"""The forgetting budget in the eval report."""
+"""The forgetting budget in the eval report, and scripts/forgetting_tradeoff.py end to end on the tiny model."""
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -76,3 +80,44 @@ def test_aggregate_lists_each_seeds_budget(tmp_path):
     merged = aggregate(runs)
     assert [b["held"] for b in merged["forgetting_budget"].values()] == [True, False]  # per run, not averaged
     assert list(merged["forgetting_budget"]) == [f"sft ({runs[0]})", f"sft ({runs[1]})"]
+
+
+@pytest.mark.subprocess
+def test_tradeoff_script_end_to_end_on_the_smoke_recipes(tmp_path):
+    """Data, plain and anchored SFT with checkpoints and the persona monitor, eval of each checkpoint, the
+    correlation and the summary files, on the tiny random model (numbers mean nothing; the plumbing is checked)."""
+    work = tmp_path / "work"
+    for name in ("scripts", "recipes"):
+        shutil.copytree(REPO / name, work / name)
+    env = dict(os.environ, WANDB_MODE="offline", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    out = work / "runs" / "tradeoff"
+    proc = subprocess.run(
+        [sys.executable, "scripts/forgetting_tradeoff.py", "--recipes", "recipes/smoke", "--seeds", "1", "--steps", "4",
+         "--checkpoint_every", "2", "--anchor-weights", "0", "2", "--out", str(out), "--bootstrap", "50"],
+        cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    result = json.loads((out / "tradeoff.json").read_text())
+    assert [r["anchor_weight"] for r in result["runs"]] == [0.0, 2.0]
+    run = result["runs"][0]
+    assert [c["step"] for c in run["checkpoints"]] == [2, 4]
+    final = run["checkpoints"][-1]
+    for key in ("pref_eval_id", "pref_eval_ood", "endorsement_margin", "kl_reference_text", "probe_accuracy"):
+        assert final[key] is not None and "mean" in final[key], key
+    assert "kl_neutral_chat" in final  # None here: the tiny model's greedy answers to neutral prompts are empty
+    assert set(final["trait_changes"]) == {"care", "honesty", "instance_reduction"}
+    assert result["arms"]["2"]["checkpoints"]["final"]["kl_reference_text"]["n_runs"] == 1
+    assert result["contrasts"]["2 minus 0"]["final"]["kl_reference_text"]["ci_low"] is None  # one seed: no interval
+    assert set(result["arms"]) == {"0", "2"} and result["arms"]["2"]["n_seeds"] == 1
+    corr = json.loads((out / "persona_correlation.json").read_text())
+    assert corr["overall"]["n"] == 2 * 2 * 3  # runs x checkpoints x traits
+    assert (out / "tradeoff.png").stat().st_size > 1000
+    md = (out / "tradeoff.md").read_text()
+    assert "| anchor weight |" in md and "persona monitor" in md.lower()
+    # A second call reuses the finished runs and reports (nothing retrained or re-scored)
+    again = subprocess.run(
+        [sys.executable, "scripts/forgetting_tradeoff.py", "--recipes", "recipes/smoke", "--seeds", "1", "--steps", "4",
+         "--checkpoint_every", "2", "--anchor-weights", "0", "2", "--out", str(out), "--bootstrap", "50"],
+        cwd=work, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "reusing" in again.stdout
