@@ -4,8 +4,6 @@ import sys
 
 from train.hardware import configure_process
 
-configure_process()  # before torch loads: the project's one OpenMP policy (train/hardware.py)
-
 from .generate import EmptySplitError, OutputDirError
 from .leakage import LeakageError
 from .recipe import RecipeError
@@ -31,5 +29,11 @@ def run(argv=None):
         raise SystemExit(f"data_gen: error: {e}") from None
 
 
-if __name__ == "__main__":
+def main():
+    """The command: set the process up (before anything imports torch: train/hardware.py), then `run`."""
+    configure_process()
     run()
+
+
+if __name__ == "__main__":
+    main()

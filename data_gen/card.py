@@ -8,7 +8,7 @@ import numpy as np
 import yaml
 
 # The folder's record files are read by train and eval too, so they are named in the kernel.
-from train.assets import PUSHED, RECORD, pushed_dataset_id, read_record  # noqa: F401 (re-exported)
+from train.assets import RECORD
 
 from .leakage import embed, normalise
 

@@ -16,7 +16,7 @@ class TeacherConfig:
     teacher_backend: Literal["openai", "transformers"] = field(default="openai", metadata={
         "help": "'openai': any OpenAI-compatible HTTP endpoint; 'transformers': teacher_model/student_model are "
                 "local models (a path, a Hub id, or smollm2-135m-instruct), generated in this process."})
-    teacher_base_url: str = field(default="http://127.0.0.1:8000/v1", metadata={
+    teacher_base_url: str = field(default="http://127.0.0.1:8000/v1", metadata={"pattern": r"https?://.+",
         "help": "OpenAI-compatible base URL (ending in /v1); POSTs go to <base>/chat/completions."})
     teacher_model: str = field(default="", metadata={"help": "Teacher model name, sent as 'model'."})
     teacher_api_key_env: str = field(default="OPENAI_API_KEY", metadata={
@@ -36,8 +36,3 @@ class TeacherConfig:
     temperature: float = field(default=0.7, metadata={"min": 0, "help": "Sampling temperature."})
     cache_path: Optional[str] = field(default=None, metadata={
         "help": "Response cache (JSONL); default <output_dir>/teacher_cache.jsonl."})
-
-    def __post_init__(self):
-        # Ranges and choices are checked by the recipe parser from the field types and metadata.
-        if not self.teacher_base_url.startswith(("http://", "https://")):
-            raise ValueError(f"'teacher_base_url' must start with http:// or https://, got {self.teacher_base_url!r}")

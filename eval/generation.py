@@ -34,12 +34,16 @@ def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: 
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     device = next(model.parameters()).device
+    # generate() asks for the last position's logits only when the model's own forward names `logits_to_keep`; a
+    # PeftModel's forward does not, so the prefill would compute batch x prompt x vocabulary logits (GBs at batch 32)
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    keep = {"logits_to_keep": 1} if getattr(inner, "_supports_logits_to_keep", lambda: False)() else {}
     try:
         for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
             idx = order[start:start + batch_size]
             enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **keep)
             for r, i in enumerate(idx):
                 answers[i] = tokenizer.decode(out[r, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
     finally:
@@ -104,7 +108,7 @@ def generate_variants(variants, cfg, conversations: list[list[dict]]) -> tuple[d
     if cfg.generation_backend == "transformers":
         for name in variants.names:
             with variants.use(name) as model:
-                answers[name] = generate(model, variants.tokenizer, conversations, cfg.max_new_tokens, cfg.batch_size,
+                answers[name] = generate(model, variants.tokenizer, conversations, cfg.max_new_tokens, cfg.generation_batch_size,
                                          desc=f"generate {name}")
     elif cfg.generation_backend == "openai":
         for name in variants.names:

@@ -36,6 +36,7 @@ import numpy as np
 
 from eval.stats import summarize
 from train.chat_endpoint import ChatEndpoint, EndpointError
+from train.contract import OOD_AXES
 
 TRAIT_PROMPT = (
     "You are grading an AI assistant's answer for one trait: {rubric}.\n\nUser message:\n{question}\n\n"
@@ -180,8 +181,8 @@ def summarize_judged(judged: list[dict], n_boot: int, seed: int, pass_threshold:
 
 # Prompts for free generation, most held-out first: unseen domains, then unseen formats, pressure, the
 # deployment half of the framing pairs, and last eval_id (unseen scenarios in training domains).
-PROMPT_PRIORITY = (("eval_ood", "heldout_domain"), ("eval_ood", "heldout_format"), ("eval_ood", "adversarial_pressure"),
-                   ("eval_ood", "framing"), ("eval_id", "id"))
+# (train.contract's OOD_AXES are listed in that order.)
+PROMPT_PRIORITY = (*(("eval_ood", axis) for axis in OOD_AXES), ("eval_id", "id"))
 
 
 def pick_prompts(dataset_path: str, n: int, seed: int) -> list[dict]:

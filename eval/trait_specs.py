@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from data_gen.spec import SpecError, TraitSpec, builtin_trait_path, load_trait_spec, resolve_trait_path
+from train.contract import validate_rows
 
 
 def dataset_traits(dataset_path: str) -> list[str]:
@@ -18,6 +19,8 @@ def dataset_traits(dataset_path: str) -> list[str]:
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no DPO dataset folder (expected data_gen output with dpo/)")
     dd = load_from_disk(str(path))
+    for name, split in dd.items():  # trait names (and any other contract column) checked as every reader checks them
+        validate_rows(split, "dpo", f"{path} split {name}", required=("trait",), split=name)
     return sorted({t for split in dd.values() for t in split["trait"]})
 
 

@@ -93,10 +93,18 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
-def resolve_dtype(dtype: str, device: str) -> torch.dtype:
-    """`auto`: bf16 on a GPU that has it (half the memory, tensor cores), fp32 elsewhere (CPU log-probs stay exact)."""
+def resolve_dtype(dtype: str, device: str, cpu_flags: set[str] | None = None) -> torch.dtype:
+    """`auto`: bf16 where the hardware runs it natively (a CUDA GPU that supports it, a CPU with AVX512-BF16 or AMX),
+    fp32 elsewhere (emulated bf16 is slower than fp32). `cpu_flags`: this machine's by default (a parameter for tests).
+
+    bf16 scores agree with fp32 within the eval's own noise (README "Performance"); set `dtype: float32` for exact
+    log-probs."""
     if dtype == "auto":
-        return torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
+        if device.startswith("cuda"):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        from train.hardware import cpu_supports_bf16
+
+        return torch.bfloat16 if device == "cpu" and cpu_supports_bf16(cpu_flags) else torch.float32
     return getattr(torch, dtype)
 
 

@@ -82,9 +82,18 @@ LEVERS = {
 }
 
 
-# The training scripts' CPU defaults ("fast") and what changes on top of them. Frozen base weights in bf16 (LoRA
-# weights and optimizer state stay fp32, as PEFT upcasts adapters) spare autocast re-casting every weight in every op.
-FAST_VARIANTS = {"fast": {}, "fast + frozen base in bf16": {"base_dtype": "bfloat16"}}
+# The training scripts' CPU defaults ("fast") and what changes on top of them: the same forward in fp32 (the losses
+# bf16 autocast must stay within noise of), and frozen base weights in bf16 (LoRA weights and optimizer state stay
+# fp32, as PEFT upcasts adapters), which spares autocast re-casting every weight in every op.
+# Gradient accumulation halves the activations held at once (a step still sees the same 8 examples).
+HALF_BATCHES = {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2}
+FAST_VARIANTS = {"fast": {}, "fast in fp32": {"config": {"bf16": False}},
+                 "fast + frozen base in bf16": {"base_dtype": "bfloat16"},
+                 "fast + 4x2 accumulation": {"config": HALF_BATCHES},
+                 "fast + frozen base in bf16 + 4x2 accumulation": {"base_dtype": "bfloat16", "config": HALF_BATCHES},
+                 "fast + frozen base in bf16 + 2x4 accumulation": {
+                     "base_dtype": "bfloat16",
+                     "config": {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 4}}}
 
 
 def recipe_lora_dropout() -> float:
@@ -100,8 +109,10 @@ def variant_setting(stage: str, variant: str) -> dict:
         return LEVERS[stage][variant]
     from train.hardware import fast_cpu_overrides
 
-    return setting(fast_cpu_overrides(stage), AUTO, label_only=True, malloc=True, shared_prompt=stage == "dpo",
-                   unpad=True, dropout=recipe_lora_dropout(), **FAST_VARIANTS[variant])
+    extra = dict(FAST_VARIANTS[variant])
+    config = {**fast_cpu_overrides(stage), **extra.pop("config", {})}
+    return setting(config, AUTO, label_only=True, malloc=True, shared_prompt=stage == "dpo",
+                   unpad=True, dropout=recipe_lora_dropout(), **extra)
 
 
 def synthetic_sft(n: int, seed: int):
@@ -151,10 +162,16 @@ def worker(stage: str, variant: str, steps: int, batch_size: int, lora_dropout: 
     from train.hardware import keep_freed_memory
     from train.models import load_model, load_tokenizer
 
+    def rss_mb() -> float:  # resident now (ru_maxrss is the peak so far)
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmRSS:"))
+        return int(line.split()[1]) / 1024
+
+    rss = {"imports": rss_mb()}
     chosen = variant_setting(stage, variant)
     tokenizer = load_tokenizer("smollm2-135m-instruct")
     tokenizer.chat_template = training_chat_template(tokenizer)
     model = load_model("smollm2-135m-instruct", dtype=chosen["base_dtype"])
+    rss["model"] = rss_mb()
     n = steps * batch_size
     make = synthetic_sft if stage == "sft" else synthetic_dpo
     train, held_out = datasets.Dataset.from_list(make(n, 0)), datasets.Dataset.from_list(make(16, 1))
@@ -179,6 +196,7 @@ def worker(stage: str, variant: str, steps: int, batch_size: int, lora_dropout: 
         trainer = DPOTrainer(model=model, args=DPOConfig(**kwargs), train_dataset=train, eval_dataset=held_out,
                              processing_class=tokenizer, peft_config=lora)
     setup_s = time.perf_counter() - start
+    rss["trainer"] = rss_mb()
     # The head "on": without it the benchmark would measure something else. The parts inside it "auto", as in the
     # training scripts: the shared prompt still falls back (with a warning) where its first-batch check disagrees.
     speedups.apply(trainer, label_only_head="on" if chosen["label_only"] else "off",
@@ -191,6 +209,9 @@ def worker(stage: str, variant: str, steps: int, batch_size: int, lora_dropout: 
         times, tokens, faults = [], [], []
 
         def on_step_end(self, args, state, control, **kw):
+            if not self.times:
+                rss["step 1"] = rss_mb()
+                rss["peak at step 1"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             self.faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
             self.times.append(time.perf_counter())
             self.tokens.append(getattr(trainer, "_total_train_tokens", 0))
@@ -212,6 +233,7 @@ def worker(stage: str, variant: str, steps: int, batch_size: int, lora_dropout: 
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
     }
     result["losses"] = losses
+    result["rss_mb"] = {k: round(v) for k, v in rss.items()}
     params = sum(p.numel() for p in trainer.model.get_base_model().parameters())  # tied embeddings counted once
     result["params"] = params
     if stage == "sft":
@@ -278,7 +300,8 @@ def run_variant(stage, variant, args) -> dict:
         env.update(variant_setting(stage, variant)["env"])
     result = run_worker(args, variant, stage, env)
     floats = {k: round(v, 3) for k, v in result.items() if isinstance(v, float)}
-    print(f"  {stage:3} {variant:32} OMP {result['omp_wait_policy']} {json.dumps(floats)}", flush=True)
+    print(f"  {stage:3} {variant:32} OMP {result['omp_wait_policy']} {json.dumps(floats)} RSS MB by phase "
+          f"{json.dumps(result['rss_mb'])}", flush=True)
     return result
 
 

@@ -15,7 +15,6 @@ from train.anchor_args import AnchorArguments
 from train.chat_template import training_chat_template
 from train.forgetting_budget import (
     BUDGET_TEXTS,
-    EVAL_DEFAULT_PROBES,
     EVAL_DEFAULT_REFERENCE_PARAGRAPHS,
     RECORD,
     ForgettingBudget,
@@ -68,13 +67,15 @@ def test_off_by_default_is_the_plain_trainer():
 
 
 def test_texts_are_disjoint_from_each_other_and_from_eval():
-    import eval.config
-    from eval.forgetting import reference_paragraphs as eval_paragraphs
-
-    assert tuple(eval.config.DEFAULT_PROBES) == EVAL_DEFAULT_PROBES
     import dataclasses
 
-    field = {f.name: f for f in dataclasses.fields(eval.config.EvalConfig)}["reference_paragraphs"]
+    import eval.config
+    from eval.forgetting import reference_paragraphs as eval_paragraphs
+    from train.assets import DEFAULT_PROBES
+
+    fields = {f.name: f for f in dataclasses.fields(eval.config.EvalConfig)}
+    assert fields["probe_sets"].default_factory() == list(DEFAULT_PROBES)
+    field = fields["reference_paragraphs"]
     assert field.default == EVAL_DEFAULT_REFERENCE_PARAGRAPHS
     paras = reference_paragraphs()
     assert eval_paragraphs(len(paras)) == paras  # the same file, read the same way

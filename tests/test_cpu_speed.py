@@ -75,7 +75,8 @@ def test_thread_wait_policy_chosen_by_load(monkeypatch, tmp_path):
 
 @pytest.mark.subprocess
 def test_importing_the_training_scripts_leaves_the_process_alone():
-    code = ("import os, sys; before = dict(os.environ); import train.sft, train.dpo, train.run; "
+    code = ("import os, sys; before = dict(os.environ); import train.sft, train.dpo, train.run, data_gen.__main__, "
+            "eval.__main__; "
             "assert dict(os.environ) == before, set(os.environ) ^ set(before); assert 'torch' not in sys.modules")
     import subprocess
 

@@ -7,17 +7,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from data_gen.card import read_record
 from data_gen.generate import DataGenConfig, build, main
 from data_gen.leakage import LeakageError, check_leakage, find_leaks, prompt_text
 from data_gen.recipe import RecipeError, parse_recipe
 from data_gen.spec import BUILTIN_DIR, SpecError, load_trait_spec
 from data_gen.user_jsonl import BadRowError
+from train import contract
+from train.assets import read_record
 
-TRAITS = ["care", "honesty", "instance_reduction"]
-SFT_COLS = ["messages", "trait", "split", "axis", "domain", "format", "id", "wording"]
-DPO_COLS = ["prompt", "chosen", "rejected", "trait", "split", "axis", "failure_mode", "domain", "format", "framing",
-            "pair_id", "id", "wording"]
+TRAITS = list(contract.BUILTIN_TRAITS)
+SFT_COLS, DPO_COLS = list(contract.COLUMNS["sft"]), list(contract.COLUMNS["dpo"])
 SMALL = ["--sft_train_per_trait", "30", "--dpo_train_per_trait", "40", "--eval_id_per_trait", "16",
          "--eval_ood_per_axis_per_trait", "16", "--leakage_embedding_check", "false", "--diversity_sample", "50"]
 
@@ -307,7 +306,7 @@ def test_shipped_recipes_parse():
     ("seed: 0\nsede: 1\n", "unknown key 'sede' (not a field of DataGenConfig, TeacherConfig); did you mean 'seed'?"),
     ("seed: three\n", "key 'seed' must be int"),
     ("traits: care\n", "key 'traits' must be a list"),
-    ("heldout_formats: [sonnet]\n", "unknown format"),
+    ("heldout_formats: [sonnet]\n", "key 'heldout_formats' must be a list of one of"),
     ("push_to_hub: not a repo id\n", "push_to_hub"),
 ])
 def test_recipe_errors_name_file_and_key(tmp_path, content, needle):

@@ -9,10 +9,10 @@ import yaml
 
 from data_gen import generate
 from data_gen.__main__ import run
-from data_gen.card import read_record
 from data_gen.generate import main
 from data_gen.spec import BUILTIN_DIR, SpecError, load_trait_spec
 from data_gen.user_jsonl import BadRowError
+from train.assets import read_record
 
 SMALL = ["--sft_train_per_trait", "12", "--dpo_train_per_trait", "12", "--eval_id_per_trait", "8",
          "--eval_ood_per_axis_per_trait", "6", "--leakage_embedding_check", "false", "--diversity_sample", "20",

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from wandb_records import read_runs
 
-from data_gen.card import PUSHED, RECORD, SIZE_CATEGORIES, pushed_dataset_id, read_record
+from data_gen.card import SIZE_CATEGORIES
 from data_gen.generate import hub_folder, main, push
+from train.assets import PUSHED, RECORD, pushed_dataset_id, read_record
 
 SMALL = ["--sft_train_per_trait", "6", "--dpo_train_per_trait", "8", "--eval_id_per_trait", "4",
          "--eval_ood_per_axis_per_trait", "4", "--leakage_embedding_check", "false", "--diversity_sample", "20"]

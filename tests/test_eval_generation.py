@@ -124,7 +124,7 @@ def test_openai_backend_config_names_missing_fields():
         load_config(None, base + url + ["--generation_models", "{sft: persona-sft}"])
     with pytest.raises(ValueError, match=r"generation_models names \['sfft'\]"):
         load_config(None, base + url + ["--generation_models", "{base: b, sft: s, dpo: d, sfft: x}"])
-    with pytest.raises(ValueError, match="generation_backend must be one of"):
+    with pytest.raises(ValueError, match="key 'generation_backend' must be one of"):
         load_config(None, ["--generation_backend", "vllm-server"])
     cfg = load_config(None, base + url + ["--generation_models", "{base: b, sft: s, dpo: d}"])
     assert cfg.generation_models == {"base": "b", "sft": "s", "dpo": "d"}

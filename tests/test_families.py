@@ -157,7 +157,10 @@ def test_eval_device_and_dtype_follow_the_machine():
 
     with pytest.raises(ValueError, match="device must be"):
         EvalConfig(device="gpu", suites=["probes"])
-    assert resolve_dtype("auto", "cpu") == torch.float32
+    assert resolve_dtype("auto", "cpu", cpu_flags={"avx2"}) == torch.float32  # emulated bf16 is slower than fp32
+    assert resolve_dtype("auto", "cpu", cpu_flags={"avx2", "avx512_bf16"}) == torch.bfloat16
+    assert resolve_dtype("auto", "cpu", cpu_flags={"amx_bf16"}) == torch.bfloat16
+    assert resolve_dtype("float32", "cpu", cpu_flags={"avx512_bf16"}) == torch.float32  # an explicit dtype stands
     if not torch.cuda.is_available():
         assert resolve_device("auto") == "cpu"
         with pytest.raises(ValueError, match="no CUDA GPU"):
@@ -196,5 +199,8 @@ def test_gpu_recipe_set_chains_on_a_tiny_model_of_its_family(recipe_set, family,
                         "--output_dir", str(tmp_path / "eval"), "--batch_size", "4", "--max_length", "384",
                         "--reference_paragraphs", "4", "--reference_max_tokens", "32", "--neutral_max_new_tokens", "8",
                         "--generation_prompts", "2", "--max_new_tokens", "8", "--wandb", "false"])
-    assert report["device"] == "cpu" and report["dtype"] == "float32"  # dtype auto: fp32 without a GPU
+    # dtype auto: without a GPU, bf16 only on a CPU with native bf16 matmuls
+    from train.hardware import cpu_supports_bf16
+
+    assert report["device"] == "cpu" and report["dtype"] == ("bfloat16" if cpu_supports_bf16() else "float32")
     assert report["preference"] and (tmp_path / "eval" / "report.md").is_file()

@@ -12,6 +12,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
+from train.anchor_args import PersonaMonitorArguments
 from train.persona_directions import (
     TraitPrompts,
     build_directions,
@@ -19,7 +20,7 @@ from train.persona_directions import (
     monitor_prompts,
     trait_prompts_from_data,
 )
-from train.persona_monitor import MONITOR_FILE, PersonaMonitor, PersonaMonitorArguments, persona_callbacks
+from train.persona_monitor import MONITOR_FILE, PersonaMonitor, persona_callbacks
 from train.tiny_model import build_tiny_tokenizer
 
 SCALE = 3.0

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
@@ -29,6 +30,11 @@ class Toy:
     paths: dict[str, str] = field(default_factory=dict, metadata={"help": "Name -> path."})
     sets: list[dict[str, str]] = field(default_factory=list, metadata={"help": "Mappings."})
     switch: bool = field(default=False, metadata={"help": "A switch."})
+    wait: float = field(default=1.0, metadata={"help": "Seconds.", "gt": 0})
+    part: float = field(default=0.5, metadata={"help": "An open share.", "gt": 0, "lt": 1})
+    mode: Literal["fast", "slow"] = field(default="fast", metadata={"help": "A choice."})
+    modes: list[Literal["fast", "slow"]] = field(default_factory=list, metadata={"help": "Choices."})
+    url: str = field(default="http://x", metadata={"help": "An address.", "pattern": r"https?://.+"})
 
     def __post_init__(self):
         if self.switch and not self.names:
@@ -81,15 +87,29 @@ def test_the_command_line_beats_the_recipe_and_yaml_floats_without_a_dot_are_flo
     (None, ["--paths", "[a, b]"], r"command line: key 'paths' must be a mapping of str to str"),
     ("switch: true\n", [], r"toy.yaml: switch needs names"),  # __post_init__, named by the recipe
     (None, ["stray"], r"command line: expected --key value, got 'stray'"),
+    ("wait: 0\n", [], r"toy.yaml: key 'wait' must be > 0, got 0"),
+    (None, ["--wait", "-1"], r"command line: key 'wait' must be > 0, got -1"),
+    ("part: 1\n", [], r"toy.yaml: key 'part' must be in \(0, 1\), got 1"),
+    ("mode: medium\n", [], r"toy.yaml: key 'mode' must be one of 'fast', 'slow', got 'medium'"),
+    (None, ["--modes", "fast", "medium"], r"command line: key 'modes' must be a list of one of 'fast', 'slow'"),
+    ("url: ftp://x\n", [], r"toy.yaml: key 'url' must match https\?://\.\+, got 'ftp://x'"),
 ])
 def test_one_error_names_file_or_command_line_and_key(tmp_path, recipe, argv, message):
     with pytest.raises(RecipeError, match=message):
         toy(argv, tmp_path, recipe)
 
 
+def test_exclusive_bounds_choices_and_patterns_accept_what_they_allow():
+    cfg = toy(["--wait", "1e-3", "--part", "0.99", "--mode", "slow", "--modes", "slow", "fast", "--url", "https://y"])
+    assert (cfg.wait, cfg.part, cfg.mode, cfg.modes, cfg.url) == (pytest.approx(1e-3), 0.99, "slow", ["slow", "fast"],
+                                                                  "https://y")
+
+
 def test_a_range_declared_in_metadata_is_in_the_help():
-    text = recipe_parser((Toy,), "toy").format_help()
+    text = " ".join(recipe_parser((Toy,), "toy").format_help().split())
     assert "How many. Must be >= 1." in text and "A share. Must be in [0, 1]." in text
+    assert "Seconds. Must be > 0." in text and "An open share. Must be in (0, 1)." in text
+    assert "An address. Must match https?://.+." in text
     assert "--config" in text
 
 

@@ -9,10 +9,10 @@ from collections import Counter
 import pytest
 from local_http import LocalServer, QuietHandler
 
-from data_gen.card import read_record
 from data_gen.recipe import RecipeError, parse_recipe
 from data_gen.spec import BUILTIN_DIR, load_trait_spec
 from data_gen.teacher import RequestFailed, ResponseCache, TeacherConfig, run_teacher
+from train.assets import read_record
 
 SLOW_S = 0.6
 TIMEOUT_S = 0.25

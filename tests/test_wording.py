@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import yaml
 
-from data_gen.card import read_record
 from data_gen.generate import main
 from data_gen.leakage import LeakageError, check_wording, find_wording
 from data_gen.offline import answer_lists, generate_trait, partition_wording
 from data_gen.spec import BUILTIN_DIR, SpecError, load_trait_spec
+from train.assets import read_record
 
 TRAITS = ["care", "honesty", "instance_reduction"]
 SMALL = ["--sft_train_per_trait", "30", "--dpo_train_per_trait", "40", "--eval_id_per_trait", "16",

@@ -30,6 +30,7 @@ from train.forgetting_budget import (
     text_ids,
     token_kl,
 )
+from train.recipe import RecipeError
 
 
 class AnchorMixin:
@@ -45,7 +46,7 @@ class AnchorMixin:
         self.anchor_weight = float(anchor_args.anchor_weight)
         self.anchor_info = None
         if self.accelerator.distributed_type == "FSDP":
-            raise ValueError("anchor_weight / budget_max_*: their forwards run on the unwrapped model, which FSDP "
+            raise RecipeError("anchor_weight / budget_max_*: their forwards run on the unwrapped model, which FSDP "
                              "shards; use DDP or DeepSpeed, or turn both off")
         base_of(self.model)  # refuses a model without a LoRA adapter before the run starts
         if self.anchor_weight > 0:

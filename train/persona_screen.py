@@ -115,15 +115,24 @@ class ScreenArguments:
     card: bool = dataclasses.field(default=True, metadata={"help": "Add the section to <data>/README.md."})
 
 
-def main(argv: list[str] | None = None) -> dict:
-    from transformers import HfArgumentParser
+def make_parser():
+    from train.recipe import recipe_parser
 
+    return recipe_parser((ScreenArguments,), "Screen a data_gen folder's training examples against the persona "
+                         "directions; writes a JSON and a dataset-card section.", prog="python -m train.persona_screen")
+
+
+def main(argv: list[str] | None = None) -> dict:
     from train.data import load_split
     from train.models import load_model, load_tokenizer
     from train.outputs import write_atomic
     from train.persona_directions import build_directions, trait_prompts_from_data
+    from train.recipe import RecipeError, parse_recipe
 
-    (args,) = HfArgumentParser(ScreenArguments).parse_args_into_dataclasses(argv)
+    try:  # a typo or a bad value fails here, naming the key, before the model loads
+        (args,) = parse_recipe(make_parser(), argv)
+    except RecipeError as err:
+        raise SystemExit(f"error: {err}") from None
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     tokenizer = load_tokenizer(args.model)
     model = load_model(args.model)

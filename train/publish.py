@@ -19,7 +19,6 @@ import argparse
 import json
 import math
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -30,6 +29,7 @@ import yaml
 
 from train.assets import pushed_dataset_id, traits_dir
 from train.chat_template import has_generation_markers, strip_generation_markers
+from train.contract import TRAIT_NAME
 
 # Embedded model names (train/models.py): the Hub repository each was converted from, its licence, and what the
 # adapter was really trained on.
@@ -48,7 +48,6 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 COPIED = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
           "recipe.yaml", "training_manifest.json")
 TRAITS_DIR = traits_dir()
-TRAIT_NAME = re.compile(r"[a-z][a-z0-9_]*")
 MARKER = ".built-by-train-publish"  # in every folder publish builds (not uploaded); only such a folder is replaced
 
 

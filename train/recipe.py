@@ -6,7 +6,9 @@ for training our script arguments, TRL's `SFTConfig`/`DPOConfig` and `ModelConfi
 command-line overrides on top; `--help` lists every field with its help. `TrlParser` turns YAML values into
 argparse defaults without checking them and its errors do not name the file, so `validate_recipe` and
 `check_command_line` check every key (unknown ones with a close match), type and range first, naming file and key.
-A field declares its range in its metadata: `field(default=8, metadata={"help": ..., "min": 1})`.
+A field declares its range in its metadata: `field(default=8, metadata={"help": ..., "min": 1})` ("min"/"max"
+inclusive, "gt"/"lt" exclusive), a string field the pattern it must match ("pattern", a regex); its choices are
+its type (`typing.Literal[...]`).
 """
 
 import argparse
@@ -90,13 +92,12 @@ class ScriptArguments(AnchorArguments, PersonaMonitorArguments):
     keep_freed_memory: typing.Literal["auto", "on", "off"] = dataclasses.field(
         default="auto", metadata={"help": "glibc keeps freed memory for reuse instead of returning it (auto: on CPU)."}
     )
-    # Off by default: 8-10% faster and 0.3-0.85 GB less peak memory in scripts/bench_train.py, but losses within
-    # noise of fp32 weights are not yet shown (README "Performance").
+    # auto: faster, less memory, losses as bf16 autocast's with fp32 weights (measured: README "Performance")
     bf16_base: typing.Literal["auto", "on", "off"] = dataclasses.field(
-        default="off",
+        default="auto",
         metadata={"help": "Load the frozen base weights in bf16 when training runs under bf16 autocast, so they are not "
                           "re-cast in every op (LoRA weights and optimizer state stay fp32, as PEFT keeps them). auto: "
-                          "on a CPU, with a float32 recipe dtype; off by default."},
+                          "on a CPU, with a float32 recipe dtype (the default)."},
     )
 
 
@@ -190,12 +191,23 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _range_text(low, high) -> str:
-    if low is not None and high is not None:
-        return f"in [{low}, {high}]"
-    if low is not None:
-        return f">= {low}"
-    return f"<= {high}" if high is not None else ""
+BOUNDS = {"min": ">=", "gt": ">", "max": "<=", "lt": "<"}  # metadata key -> the comparison a value must pass
+CHECKS = (*BOUNDS, "pattern")  # the metadata keys the parser checks (argparse is not given them)
+
+
+def _range_text(metadata) -> str:
+    """The bounds of a field's metadata, as words ("" when it has none)."""
+    bounds = {k: metadata[k] for k in BOUNDS if metadata.get(k) is not None}
+    low, high = [k for k in ("min", "gt") if k in bounds], [k for k in ("max", "lt") if k in bounds]
+    if len(low) == 1 and len(high) == 1:
+        return f"in {'[' if low[0] == 'min' else '('}{bounds[low[0]]}, {bounds[high[0]]}{']' if high[0] == 'max' else ')'}"
+    return " and ".join(f"{BOUNDS[k]} {v}" for k, v in bounds.items())
+
+
+def _out_of_range(value, metadata) -> bool:
+    number = float(value) if isinstance(value, str) else value  # a YAML `2e-4`, read as a string
+    passes = {"min": number.__ge__, "gt": number.__gt__, "max": number.__le__, "lt": number.__lt__}
+    return any(metadata.get(k) is not None and not passes[k](metadata[k]) for k in BOUNDS)
 
 
 def _fields(dataclass_types) -> dict:
@@ -217,19 +229,21 @@ def _unknown_key(source: str, key, fields: dict, dataclass_types) -> RecipeError
 
 
 def _check_value(source: str, key: str, value, field: tuple) -> None:
-    """Type, then the range a field declares in its metadata (`"min"`, `"max"`, both inclusive)."""
+    """Type, then the range a field declares in its metadata (`"min"`/`"max"` inclusive, `"gt"`/`"lt"` exclusive)
+    and, for a string, the regex it must match in full (`"pattern"`)."""
     owner, tp, metadata = field
     if not _type_ok(value, tp):
         raise RecipeError(
             f"{source}: key '{key}' must be {_type_name(tp)}, got {value!r} ({type(value).__name__}) [{owner}.{key}]"
         )
-    low, high = metadata.get("min"), metadata.get("max")
-    if value is None or (low is None and high is None):
+    if value is None or not any(metadata.get(k) is not None for k in CHECKS):
         return
-    number = float(value) if isinstance(value, str) else value  # a YAML `2e-4`, read as a string
-    if (low is not None and number < low) or (high is not None and number > high):
+    pattern = metadata.get("pattern")
+    if pattern is not None and not (isinstance(value, str) and re.fullmatch(pattern, value)):
+        raise RecipeError(f"{source}: key '{key}' must match {pattern}, got {value!r}")
+    if pattern is None and _out_of_range(value, metadata):
         null = " (or null)" if _without_none(tp)[1] else ""
-        raise RecipeError(f"{source}: key '{key}' must be {_range_text(low, high)}{null}, got {value!r}")
+        raise RecipeError(f"{source}: key '{key}' must be {_range_text(metadata)}{null}, got {value!r}")
 
 
 def validate_recipe(path: str | Path, dataclass_types) -> dict:
@@ -382,10 +396,12 @@ def recipe_parser(dataclass_types, description: str, prog: str | None = None, ep
         @staticmethod
         def _parse_dataclass_field(parser, field):
             field = copy.copy(field)  # HfArgumentParser rewrites field.type; the dataclass keeps its own
-            metadata = {k: v for k, v in field.metadata.items() if k not in ("min", "max")}  # not argparse's
-            bounds = _range_text(field.metadata.get("min"), field.metadata.get("max"))
+            metadata = {k: v for k, v in field.metadata.items() if k not in CHECKS}  # not argparse's
+            bounds = _range_text(field.metadata)
             if bounds:
                 metadata["help"] = f"{metadata.get('help', '')} Must be {bounds}.".strip()
+            if field.metadata.get("pattern") is not None:
+                metadata["help"] = f"{metadata.get('help', '')} Must match {field.metadata['pattern']}.".strip()
             if "help" in metadata:  # argparse %-formats help: a literal "60%" in our text would crash --help
                 metadata["help"] = re.sub(r"(?<!%)%(?![%(])", "%%", metadata["help"])
             field.metadata = types.MappingProxyType(metadata)
@@ -399,6 +415,9 @@ def recipe_parser(dataclass_types, description: str, prog: str | None = None, ep
             TrlParser._parse_dataclass_field(parser, field)
             if optional and base in (int, float):
                 parser._actions[-1].type = _or_null(base)
+            item = typing.get_args(base)[0] if typing.get_origin(base) is list and typing.get_args(base) else None
+            if typing.get_origin(item) is typing.Literal:  # a list of choices: HfArgumentParser would call the Literal
+                parser._actions[-1].type, parser._actions[-1].choices = str, typing.get_args(item)
 
         def parse_args_and_config(self, args=None, *rest, **kwargs):
             args = list(sys.argv[1:] if args is None else args)

@@ -9,7 +9,8 @@ here, so a check added for one is made for both:
     if run.claim(dataset): ...                                              # run folder, resume, W&B
     run.check_prepared(trainer, dataset)                                    # the trainer kept every row
     output = run.train(trainer)                                             # speed-ups installed, adapter moved
-    run.finish(trainer, output, data={...}, inputs=[...])                   # adapter, recipe, manifest, W&B
+    manifest = run.manifest(trainer, output, data={...}, ...)               # the run's record, both stages alike
+    run.finish(trainer, manifest, inputs=[...])                             # adapter, recipe, manifest, W&B
 """
 
 import os
@@ -46,12 +47,13 @@ class TrainingRun:
 
         from train import speedups
         from train.outputs import checked_strategy
+        from train.recipe import RecipeError
 
         if not model_args.use_peft:
-            raise ValueError("This pipeline trains LoRA adapters: set `use_peft: true` in the recipe.")
+            raise RecipeError("use_peft: this pipeline trains LoRA adapters: set `use_peft: true` in the recipe.")
         if not model_args.model_name_or_path:
             example = "the base model the SFT adapter was trained on" if stage == "dpo" else "e.g. smollm2-135m-instruct"
-            raise ValueError(f"Set `model_name_or_path` in the recipe ({example}).")
+            raise RecipeError(f"model_name_or_path: set it in the recipe ({example}).")
         self.stage, self.script_args, self.training_args, self.model_args, self.held = (
             stage, script_args, training_args, model_args, held)
         self.state = PartialState()  # binds each process to its device before the model loads (no device_map in DDP)
@@ -166,7 +168,9 @@ class TrainingRun:
         from train.tracking import finish_training_run
 
         save_run(trainer, self.recipe, manifest)
-        self.state.print(f"Saved adapter to {self.training_args.output_dir}")
+        peak = manifest.get("metrics", {}).get("peak_rss_gib")
+        self.state.print(f"Saved adapter to {self.training_args.output_dir}"
+                         + (f" (peak resident memory of rank 0: {peak} GiB)" if peak is not None else ""))
         finish_training_run(self.stage, self.training_args, self.script_args, manifest, inputs=inputs)
         # Ranks leave together: rank 0 still writes the run's files, and a rank that tears the process group down
         # meanwhile was seen to leave the launch hanging (gloo, 2 CPU processes).
@@ -192,6 +196,6 @@ def script_main(make_parser, main) -> None:
 
     try:
         args = parse_recipe(make_parser())
+        main(*args)  # the checks that need the parsed recipe as a whole raise RecipeError too
     except RecipeError as err:
         sys.exit(f"error: {err}")
-    main(*args)

@@ -8,7 +8,8 @@
   checkpointing.
 - `keep_freed_memory`: glibc keeps freed memory for reuse (`train.hardware.keep_freed_memory`); `auto`: on CPU.
 - `bf16_base`: the frozen base weights loaded in bf16 when training runs under bf16 autocast (LoRA weights and
-  optimizer state stay fp32); `auto`: on CPU, where autocast would otherwise re-cast every weight in every op.
+  optimizer state stay fp32); `auto` (the default): on CPU, where autocast would otherwise re-cast every weight in
+  every op.
 
 `auto` uses a speed-up where it applies and says why not where it does not; `on` where it cannot apply stops the run
 before training; `off` never uses it. What was used, and why, goes to the run manifest (`record`).

@@ -86,7 +86,6 @@ def setup_wandb(training_args, script_args, stage: str, resuming: bool = False) 
 
     strip_secrets(training_args)
     strip_secret_argv(sys.argv)
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     if "wandb" not in (training_args.report_to or []):
         return
     group = experiment_name(training_args.output_dir, script_args.experiment)
