@@ -185,6 +185,8 @@ def _num(s: dict | None, pct: bool, signed: bool = True) -> str:
 def _verdict(d: dict | None) -> str:
     if not d or d.get("ci_low") is None:
         return "no interval (one seed)"
+    if d["ci_low"] == d["ci_high"]:  # seeds that agree exactly (an accuracy moves in whole items): no spread to test
+        return f"same value in all {d['n_seeds']} seeds: no interval"
     if d["ci_low"] > 0 or d["ci_high"] < 0:
         return "interval excludes 0"
     return "within noise"

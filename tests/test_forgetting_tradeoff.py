@@ -82,6 +82,18 @@ def test_aggregate_lists_each_seeds_budget(tmp_path):
     assert list(merged["forgetting_budget"]) == [f"sft ({runs[0]})", f"sft ({runs[1]})"]
 
 
+def test_tradeoff_verdict_of_seeds_that_agree_exactly():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("forgetting_tradeoff", REPO / "scripts/forgetting_tradeoff.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    # two seeds that each lost the same 2 of 31 pairs: a zero-width t interval is no evidence of a change
+    assert script._verdict(script.t_interval([-2 / 31, -2 / 31])) == "same value in all 2 seeds: no interval"
+    assert script._verdict(script.t_interval([0.19, 0.21, 0.2])) == "interval excludes 0"
+    assert script._verdict(script.t_interval([0.1])) == "no interval (one seed)"
+
+
 @pytest.mark.subprocess
 def test_tradeoff_script_end_to_end_on_the_smoke_recipes(tmp_path):
     """Data, plain and anchored SFT with checkpoints and the persona monitor, eval of each checkpoint, the
