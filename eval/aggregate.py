@@ -20,7 +20,7 @@ from eval.stats import across_runs
 SUMMARY = {"mean", "ci_low", "ci_high", "n"}
 # Written per report by write_report, or facts of one run rather than measurements
 NOT_MERGED = ("model_index_results", "model_index_results_by_adapter", "plots", "multiple_comparisons", "timings",
-              "not_computed")
+              "not_computed", "forgetting_budget")
 
 
 def _merge(values: list):
@@ -88,6 +88,10 @@ def aggregate(run_dirs: list[str]) -> dict:
               if k not in NOT_MERGED and all(k in r for r in reports)}
     merged.update(n_runs=len(reports), runs=[str(d) for d in run_dirs], seeds=[_training_seed(r) for r in reports],
                   tuned=reports[0].get("tuned", []), adapters=reports[0].get("adapters", {}))
+    # Each seed's budget is its own run's record (limits, last check, held): listed per run, never averaged
+    budgets = {f"{a} ({d})": b for d, r in zip(run_dirs, reports) for a, b in (r.get("forgetting_budget") or {}).items()}
+    if budgets:
+        merged["forgetting_budget"] = budgets
     return merged
 
 

@@ -180,6 +180,7 @@ def headline(report: dict) -> list[str]:
     for key, section in report.items():
         own = section.get("headline") if isinstance(section, dict) and key not in _KNOWN_SECTIONS else None
         lines += [f"{key}: {x}" for x in ([own] if isinstance(own, str) else own or [])]
+    lines += [budget_line(a, b) for a, b in (report.get("forgetting_budget") or {}).items()]
     judge = report.get("judge_validity") or (report.get("generation") or {}).get("judge_validity")
     if isinstance(judge, dict) and isinstance(judge.get("traits"), dict):
         valid = sorted(t for t, v in judge["traits"].items() if v.get("valid"))
@@ -191,6 +192,7 @@ def headline(report: dict) -> list[str]:
 
 
 _KNOWN_SECTIONS = {"preference", "preference_lengths", "framing_gap", "wording_gap", "cross_trait", "forgetting", "probes", "mcq",
+                   "forgetting_budget",
                    "dpo_vs_sft", "generation", "config", "timings", "adapters", "adapter_traits"}
 
 
@@ -261,6 +263,95 @@ def _limits(r: dict) -> list[str]:
         out.append("Every adapter was trained on all traits, so the cross-trait matrix cannot show interference "
                    "between traits (recipes/cross_trait/ trains one adapter per trait).")
     return out
+
+
+# train.forgetting_budget.RECORD: eval imports only train's kernel (tests/test_forgetting_tradeoff.py checks they agree)
+BUDGET_RECORD = "forgetting_budget.json"
+
+
+def forgetting_budgets(adapters: dict[str, str]) -> dict:
+    """Adapter -> what the forgetting budget of its training run recorded (train/forgetting_budget.py), for each
+    adapter folder that holds forgetting_budget.json: the limits, the last check's values and whether it held.
+
+    The budget measured during training, on its own held-out texts and probe set (never eval's), so these numbers
+    are the run's own guard; the forgetting and probes suites are the independent measurement. A record that
+    cannot be read is reported as such ({"file", "error"}) rather than stopping the eval."""
+    out = {}
+    for name, folder in adapters.items():
+        path = Path(folder) / BUDGET_RECORD
+        if not path.is_file():
+            continue
+        try:
+            rec = json.loads(path.read_text(encoding="utf-8"))
+            checks = rec.get("checks") or []
+            last = checks[-1] if checks else None
+            out[name] = {
+                "file": str(path), "limits": rec["limits"], "action": rec.get("action"),
+                "check_steps": rec.get("check_steps"), "held_out": rec.get("held_out"),
+                "base_probe_acc": (rec.get("base") or {}).get("probe_acc"), "checks": len(checks),
+                "last": None if last is None else {k: last.get(k) for k in ("step", "kl", "probe_acc", "probe_drop",
+                                                                            "exceeded")},
+                "max_kl_seen": max((c["kl"] for c in checks), default=None),
+                "max_probe_drop_seen": max((c["probe_drop"] for c in checks), default=None),
+                "held": bool(rec["held"]), "exceeded_at_step": rec.get("exceeded_at_step"),
+                "stopped_at_step": rec.get("stopped_at_step"),
+            }
+        except (ValueError, KeyError, TypeError) as e:
+            out[name] = {"file": str(path), "error": f"{type(e).__name__}: {e}"}
+    return out
+
+
+def _budget_values(b: dict) -> str:
+    last, limits = b["last"], b["limits"]
+    if last is None:
+        return "no check recorded"
+    parts = [f"KL {last['kl']:.4g}" + (f" (limit {limits['max_kl']:g})" if limits.get("max_kl") is not None else "")]
+    parts.append(f"probe drop {last['probe_drop']:+.1f} points"
+                 + (f" (limit {limits['max_probe_drop']:g})" if limits.get("max_probe_drop") is not None else ""))
+    return f"last check at step {last['step']}: " + ", ".join(parts)
+
+
+def budget_line(name: str, b: dict) -> str:
+    """One headline line: did the adapter's training run stay within its forgetting budget?"""
+    if b.get("error"):
+        return f"Forgetting budget of `{name}`: {b['file']} could not be read ({b['error']})."
+    if b["held"]:
+        state = "held"
+    else:
+        state = f"EXCEEDED at step {b['exceeded_at_step']}" + (
+            f", training stopped at step {b['stopped_at_step']}" if b.get("stopped_at_step") is not None
+            else f", training went on (budget_action: {b.get('action')})")
+    return f"Forgetting budget of `{name}` (checked during training): {state}; {_budget_values(b)}."
+
+
+def _budget_lines(r: dict) -> list[str]:
+    budgets = r.get("forgetting_budget")
+    if not budgets:
+        return []
+    L = ["## Forgetting budget (checked during training)", "",
+         "The training run checked its drift against these limits every `check_steps` optimizer steps "
+         "(train/forgetting_budget.py): mean per-token KL(tuned || base) on held-out news paragraphs and the drop in "
+         "capability-probe accuracy against the base, on texts and probes that eval never scores. `stop` ends "
+         "training at the first check past a limit; `warn` trains on. The forgetting and probe sections above are "
+         "the independent measurement.", "",
+         "| adapter | max KL | max probe drop (pts) | action | checks | last step | KL | probe drop (pts) | "
+         "largest KL, drop seen | held |", "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def num(x, fmt):
+        return "-" if x is None else format(x, fmt)
+
+    for name, b in budgets.items():
+        if b.get("error"):
+            L.append(f"| {name} | unreadable: {b['error']} |  |  |  |  |  |  |  |  |")
+            continue
+        last, limits = b["last"] or {}, b["limits"]
+        held = "yes" if b["held"] else f"**no**, exceeded at step {b['exceeded_at_step']}" + (
+            f", stopped at step {b['stopped_at_step']}" if b.get("stopped_at_step") is not None else "")
+        L.append(f"| {name} | {num(limits.get('max_kl'), 'g')} | {num(limits.get('max_probe_drop'), 'g')} | "
+                 f"{b.get('action')} | {b['checks']} | {num(last.get('step'), 'd')} | {num(last.get('kl'), '.4g')} | "
+                 f"{num(last.get('probe_drop'), '+.1f')} | {num(b['max_kl_seen'], '.4g')}, "
+                 f"{num(b['max_probe_drop_seen'], '+.1f')} | {held} |")
+    return L + [""]
 
 
 def trained_traits(adapter_dir: str) -> list[str] | None:
@@ -377,6 +468,7 @@ def render_markdown(r: dict) -> str:
             L.append(f"| {name} (n={rec['base']['accuracy']['n']}) | {_fmt(rec['base']['accuracy'], True)} | "
                      + " | ".join(f"{_fmt(rec[a]['accuracy'], True)}; change {_delta(rec[a]['accuracy_delta'], True)}" for a in tuned_names(r)) + " |")
         L.append("")
+    L += _budget_lines(r)
     if fg.get("top_diffs"):
         L += ["## What else changed (model diff)", "", "Neutral texts (not from the trait data) ranked by how much the tuned "
               "model's token distribution moved from the base's. Look here for unintended effects of the fine-tune.", ""]

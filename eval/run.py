@@ -31,6 +31,12 @@ def evaluate(cfg: EvalConfig) -> dict:
         "dtype": str(next(variants.model.parameters()).dtype).replace("torch.", ""), "tiny_model": n_params < 5_000_000, "config": dataclasses.asdict(cfg),
     }
 
+    from eval.report import forgetting_budgets
+
+    budgets = forgetting_budgets(cfg.adapters)  # the training run's own drift guard, where it had one
+    if budgets:
+        report["forgetting_budget"] = budgets
+
     def timed(name, fn):
         t = time.time()
         print(f"[eval] {name} ...", flush=True)
