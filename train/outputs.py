@@ -319,7 +319,7 @@ def library_versions() -> dict:
 
 def final_metrics(trainer, train_output, resumed: bool = False) -> dict:
     """Trainer metrics plus throughput on real (non-padding) tokens and peak memory."""
-    import resource
+    from train.hardware import peak_rss_gib
 
     metrics = dict(train_output.metrics)
     logs = trainer.state.log_history
@@ -334,7 +334,7 @@ def final_metrics(trainer, train_output, resumed: bool = False) -> dict:
     if evals:  # the last held-out evaluation (eval_strategy): loss, and for DPO reward accuracies and margins
         metrics["last_eval"] = {k: v for k, v in evals[-1].items() if k.startswith("eval_") or k == "step"}
     metrics["global_step"] = trainer.state.global_step
-    metrics["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
+    metrics["peak_rss_gib"] = peak_rss_gib()
     if torch.cuda.is_available():
         metrics["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
     return metrics
