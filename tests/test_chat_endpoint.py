@@ -33,12 +33,20 @@ class ScriptedServer(LocalServer):
                     server.headers.append(dict(self.headers))
                     server.in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                counted = [True]
+
+                def answered():  # before the answer goes out: a client that has it may send its next request at once
+                    with server.lock:
+                        if counted.pop() if counted else False:
+                            server.in_flight -= 1
+
                 try:
                     kind, _, arg = step.partition(":")
                     if kind == "ok":
                         return self.send_body(200, ANSWER)
                     if kind == "wait":  # a slow but well-behaved answer
                         time.sleep(float(arg))
+                        answered()
                         return self.send_body(200, ANSWER)
                     if kind == "redirect":
                         return self.send_redirect(redirect_to, int(arg))
@@ -54,8 +62,7 @@ class ScriptedServer(LocalServer):
                         return self.send_body(int(kind), b"busy", {"Retry-After": arg} if arg else None)
                     raise AssertionError(step)
                 finally:
-                    with server.lock:
-                        server.in_flight -= 1
+                    answered()
 
             do_GET = do_POST  # a followed 302/303 arrives as a GET
 
