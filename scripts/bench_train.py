@@ -45,9 +45,9 @@ PADDING_FREE = {**NO_GC, "padding_free": True, "max_length": None}  # SFTTrainer
 
 
 def setting(config=None, env=None, label_only=False, malloc=False, shared_prompt=False, unpad=False, dropout=None,
-            base_dtype="float32"):
+            base_dtype="float32", attn="sdpa"):
     return dict(config=config or {}, env=env or {}, label_only=label_only, malloc=malloc,
-                shared_prompt=shared_prompt, unpad=unpad, dropout=dropout, base_dtype=base_dtype)
+                shared_prompt=shared_prompt, unpad=unpad, dropout=dropout, base_dtype=base_dtype, attn=attn)
 
 
 _COMMON = {
@@ -85,7 +85,8 @@ LEVERS = {
 # The training scripts' CPU defaults ("fast") and what changes on top of them: the same forward in fp32 (the losses
 # bf16 autocast must stay within noise of), and frozen base weights in bf16 (LoRA weights and optimizer state stay
 # fp32, as PEFT upcasts adapters), which spares autocast re-casting every weight in every op.
-# Gradient accumulation halves the activations held at once (a step still sees the same 8 examples).
+# Gradient accumulation halves the activations held at once (a step still sees the same 8 examples). Eager
+# attention (plain matmuls) in place of SDPA, whose CPU flash kernel is slow in the backward at these lengths.
 HALF_BATCHES = {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2}
 FAST_VARIANTS = {"fast": {}, "fast in fp32": {"config": {"bf16": False}},
                  "fast + frozen base in bf16": {"base_dtype": "bfloat16"},
@@ -93,7 +94,10 @@ FAST_VARIANTS = {"fast": {}, "fast in fp32": {"config": {"bf16": False}},
                  "fast + frozen base in bf16 + 4x2 accumulation": {"base_dtype": "bfloat16", "config": HALF_BATCHES},
                  "fast + frozen base in bf16 + 2x4 accumulation": {
                      "base_dtype": "bfloat16",
-                     "config": {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 4}}}
+                     "config": {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 4}},
+                 "fast + frozen base in bf16 + eager attention": {"base_dtype": "bfloat16", "attn": "eager"},
+                 "fast + frozen base in bf16 + 4x2 accumulation + eager attention": {
+                     "base_dtype": "bfloat16", "config": HALF_BATCHES, "attn": "eager"}}
 
 
 def recipe_lora_dropout() -> float:
@@ -170,7 +174,7 @@ def worker(stage: str, variant: str, steps: int, batch_size: int, lora_dropout: 
     chosen = variant_setting(stage, variant)
     tokenizer = load_tokenizer("smollm2-135m-instruct")
     tokenizer.chat_template = training_chat_template(tokenizer)
-    model = load_model("smollm2-135m-instruct", dtype=chosen["base_dtype"])
+    model = load_model("smollm2-135m-instruct", dtype=chosen["base_dtype"], attn_implementation=chosen["attn"])
     rss["model"] = rss_mb()
     n = steps * batch_size
     make = synthetic_sft if stage == "sft" else synthetic_dpo

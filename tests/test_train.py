@@ -49,7 +49,7 @@ def test_sft_then_dpo_saves_complete_adapters(tiny_model_dir, data_dir, tmp_path
     from train.chat_template import has_generation_markers
 
     sft_dir = tmp_path / "sft"
-    run_stage(sft, *sft_args(tiny_model_dir, data_dir, sft_dir))
+    run_stage(sft, *sft_args(tiny_model_dir, data_dir, sft_dir, "--attn_implementation", "eager"))
     for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "recipe.yaml"):
         assert (sft_dir / name).is_file(), name
     manifest = json.loads((sft_dir / "training_manifest.json").read_text())
@@ -67,6 +67,7 @@ def test_sft_then_dpo_saves_complete_adapters(tiny_model_dir, data_dir, tmp_path
     assert not {"use_cpu", "bf16", "gradient_checkpointing", "dataloader_pin_memory"} & set(recipe)
     chosen = manifest["hardware"]["chosen_by_hardware"]
     assert manifest["hardware"]["device"] == "cpu" and manifest["hardware"]["precision"] in ("fp32", "bf16")
+    assert manifest["hardware"]["attention"] == "eager"  # the recipe's ModelConfig keys reach from_pretrained
     assert (chosen["use_cpu"]["value"] is True and "bf16" in chosen["bf16"]["why"]) if cpu_run else chosen == {}
     forward = manifest["forward"]  # which forward trained the adapter, and what its first-batch check found
     assert set(forward) == {"label_only_head", "shared_prompt", "unpadded_mlp", "keep_freed_memory", "bf16_base"}
@@ -84,6 +85,7 @@ def test_sft_then_dpo_saves_complete_adapters(tiny_model_dir, data_dir, tmp_path
     assert manifest["data"]["examples"] == 16  # the same keys as SFT's manifest, plus the stage's own
     sft_manifest = json.loads((sft_dir / "training_manifest.json").read_text())
     assert set(sft_manifest) | {"sft_adapter", "reference_model"} == set(manifest)
+    assert manifest["hardware"]["attention"] == "sdpa"  # transformers' default: the smoke recipe names none
     if not torch.accelerator.is_available():
         assert manifest["forward"]["shared_prompt"]["used"] and "checked" in manifest["forward"]["shared_prompt"]["check"]
     assert not (dpo_dir / "ref").exists(), "only the trained adapter is saved, not TRL's frozen reference copy"

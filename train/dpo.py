@@ -87,7 +87,7 @@ def _train(script_args, training_args, model_args, held):
     from train import speedups
     from train.data import dataset_source, load_split
     from train.loss_mask import check_preference_pairs
-    from train.models import load_model, load_tokenizer, resolve_model_path
+    from train.models import load_model, load_tokenizer, pretrained_kwargs, resolve_model_path
     from train.run import TrainingRun
     from train.tracking import RecipeToWandb
 
@@ -117,7 +117,7 @@ def _train(script_args, training_args, model_args, held):
         tokenizer = load_tokenizer(script_args.sft_adapter)
     else:
         # DPO scores whole completions and needs no generation markers: train with the template as served.
-        tokenizer = load_tokenizer(model_args.model_name_or_path)
+        tokenizer = load_tokenizer(model_args.model_name_or_path, revision=model_args.model_revision)
         if not tokenizer.chat_template:
             raise ValueError(f"{model_args.model_name_or_path} has no chat template; DPO on conversations needs one")
     run.check_template(tokenizer, dataset, ("prompt", "chosen"), ("prompt", "rejected"))
@@ -133,7 +133,7 @@ def _train(script_args, training_args, model_args, held):
     if not run.claim(dataset):
         return training_args.output_dir
     model = load_model(base_path, dtype=speedups.base_dtype(run.speedups, model_args),
-                       quantization_config=get_quantization_config(model_args))
+                       quantization_config=get_quantization_config(model_args), **pretrained_kwargs(model_args))
     peft_config = None
     if script_args.sft_adapter:
         model = PeftModel.from_pretrained(model, script_args.sft_adapter, is_trainable=True)

@@ -107,6 +107,21 @@ def load_tokenizer(name_or_path: str, **kwargs):
     return ensure_distinct_pad(tokenizer)
 
 
+def pretrained_kwargs(model_args) -> dict:
+    """`from_pretrained` arguments a TRL ModelConfig sets beyond the name and dtype: revision, attention
+    implementation, and (quantized, on an accelerator) each process's own device."""
+    from accelerate import PartialState
+
+    kwargs = {"revision": model_args.model_revision}
+    if model_args.attn_implementation:
+        kwargs["attn_implementation"] = model_args.attn_implementation
+    state = PartialState()
+    # A bitsandbytes model cannot be moved after loading: it loads straight onto this process's accelerator
+    if (model_args.load_in_4bit or model_args.load_in_8bit) and state.device.type != "cpu":
+        kwargs["device_map"] = {"": state.local_process_index}
+    return kwargs
+
+
 def load_model(name_or_path: str, dtype: str | torch.dtype = "float32", quantization_config=None, **kwargs):
     """Load a causal LM. `dtype` is a torch dtype or its name ("float32", "bfloat16", "auto")."""
     if isinstance(dtype, str) and dtype != "auto":

@@ -151,6 +151,8 @@ class TrainingRun:
             "hardware": {
                 "device": str(self.training_args.device),
                 "precision": self.precision(),
+                # What the model loaded with (a recipe's attn_implementation, else transformers' choice)
+                "attention": getattr(trainer.model.config, "_attn_implementation", None),
                 "chosen_by_hardware": {k: {"value": v, "why": why} for k, (v, why) in self.hardware.items()},
                 **process,
             },

@@ -31,7 +31,7 @@ def _train(script_args, training_args, model_args, held):
     from train import speedups
     from train.data import dataset_source, load_split
     from train.loss_mask import check_trainable_tokens, format_token_view, use_training_chat_template
-    from train.models import load_model, load_tokenizer, resolve_model_path
+    from train.models import load_model, load_tokenizer, pretrained_kwargs, resolve_model_path
     from train.run import TrainingRun
     from train.tracking import RecipeToWandb
 
@@ -47,7 +47,7 @@ def _train(script_args, training_args, model_args, held):
     if training_args.eval_strategy != "no":  # held-out loss while training
         eval_dataset = load_split(dataset_name, dataset_config, script_args.dataset_test_split, ("messages",),
                                   traits=script_args.traits).select_columns(["messages"])
-    tokenizer = load_tokenizer(model_args.model_name_or_path)
+    tokenizer = load_tokenizer(model_args.model_name_or_path, revision=model_args.model_revision)
     assistant_only = training_args.assistant_only_loss
     if assistant_only:
         use_training_chat_template(tokenizer, training_args.chat_template_path)
@@ -65,7 +65,7 @@ def _train(script_args, training_args, model_args, held):
         return training_args.output_dir
     base_path = resolve_model_path(model_args.model_name_or_path)
     model = load_model(base_path, dtype=speedups.base_dtype(run.speedups, model_args),
-                       quantization_config=get_quantization_config(model_args))
+                       quantization_config=get_quantization_config(model_args), **pretrained_kwargs(model_args))
 
     from train.anchor import anchor_record, anchored_trainer_class
     from train.forgetting_budget import budget_callbacks
