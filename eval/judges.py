@@ -7,16 +7,8 @@
   trait whose judge fails the topicality controls gets no trait scores in the report (marked INVALID).
   Coherent = not degenerate (non-empty, not dominated by repeated word trigrams) and on topic: relevance, the
   mean of the answer's similarity to its prompt and to the closer of the two reference answers, is at least
-  RELEVANCE_THRESHOLD = 0.20. Calibrated with `python -m eval.calibrate_coherence` on the 408 held-out
-  quickstart pairs (eval_id + eval_ood of recipes/quickstart/data.yaml), each reference answer scored against
-  its prompt and the pair's other reference: 99.3% of chosen and 93.1% of rejected answers pass; another
-  pair's chosen answer passes 21.3% (11.3% from another trait: the template data shares wording within a
-  trait), a news paragraph 2.5%. Prompt similarity alone, at the threshold (0.15) passing the same 99% of
-  chosen answers, lets 26.0% of other pairs' answers and 7.6% of news through. SmolLM2-135M-Instruct's greedy
-  answers to 48 held-out prompts (40 tokens): 72.9% pass (the failures read as off-topic or looping), the
-  quickstart DPO adapter's 93.8%; the same answers moved to another prompt pass 10.4%. The reference half
-  also rewards wording like the generator's references, which a model tuned on that data produces more: a
-  rising coherent share after tuning is partly that.
+  RELEVANCE_THRESHOLD (calibrated with `python -m eval.calibrate_coherence`; figures in the README, "Eval and
+  report").
 - LLM judge: any OpenAI-compatible chat endpoint gives a 0-100 trait score (rubric: the trait spec's
   `judge_rubric`) and a 0-100 coherence score.
   With top log-probabilities the score is the probability-weighted mean over number tokens (discarded when
@@ -49,7 +41,7 @@ COHERENCE_PROMPT = (
     "{question}\n\nAssistant answer:\n{answer}\n\nReply with a single number only."
 )
 COHERENT_THRESHOLD = 50
-RELEVANCE_THRESHOLD = 0.20  # embedding judge: calibrated on the quickstart pairs (module docstring)
+RELEVANCE_THRESHOLD = 0.20  # embedding judge: calibrated on the quickstart pairs (README "Eval and report")
 
 
 def weighted_score(top_logprobs: list[dict], min_mass: float = 0.25) -> float | None:
@@ -130,7 +122,7 @@ def is_degenerate(text: str) -> bool:
 
 def embedding_relevance(answer: np.ndarray, question: np.ndarray, chosen: np.ndarray, rejected: np.ndarray) -> np.ndarray:
     """Mean of the answer's cosine similarity to its prompt and to the closer of the pair's two reference answers
-    (rows of unit vectors). Either half alone lets too much off-topic text through: see the module docstring."""
+    (rows of unit vectors). Either half alone lets too much off-topic text through: README "Eval and report"."""
     ref = np.maximum((answer * chosen).sum(-1), (answer * rejected).sum(-1))
     return ((answer * question).sum(-1) + ref) / 2
 
