@@ -56,6 +56,8 @@ def test_sft_then_dpo_saves_complete_adapters(tiny_model_dir, data_dir, tmp_path
     assert manifest["stage"] == "sft" and manifest["base_model"] == tiny_model_dir
     assert manifest["data"]["examples"] == 16 and len(manifest["data"]["sha256"]) == 64
     assert manifest["adapter_check"]["checked_tensors"] > 0 and manifest["metrics"]["global_step"] == 4
+    curve = manifest["metrics"]["loss_curve"]  # the smoke recipe logs every step
+    assert [step for step, _ in curve] == [1, 2, 3, 4] and curve[-1][1] == manifest["metrics"]["final_logged_loss"]
     # The saved template is the marked training template, and it renders like the base model's own one.
     template = (sft_dir / "chat_template.jinja").read_text()
     assert has_generation_markers(template)

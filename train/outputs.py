@@ -327,6 +327,8 @@ def final_metrics(trainer, train_output, resumed: bool = False) -> dict:
     if losses:
         metrics["final_logged_loss"] = losses[-1]
         metrics["first_logged_loss"] = losses[0]
+        # The logged training loss by step: the curve, without W&B (`logging_steps` sets how many points)
+        metrics["loss_curve"] = [[e["step"], e["loss"]] for e in logs if "loss" in e and "step" in e]
     tokens = [e["num_tokens"] for e in logs if "num_tokens" in e]  # TRL counts attention-mask tokens, all ranks
     if tokens and metrics.get("train_runtime") and not resumed:  # a resumed run's count includes earlier sessions
         metrics["train_tokens_per_second"] = round(tokens[-1] / metrics["train_runtime"], 2)
