@@ -45,9 +45,10 @@ PADDING_FREE = {**NO_GC, "padding_free": True, "max_length": None}  # SFTTrainer
 
 
 def setting(config=None, env=None, label_only=False, malloc=False, shared_prompt=False, unpad=False, dropout=None,
-            base_dtype="float32", attn="sdpa"):
+            base_dtype="float32", attn="sdpa", fused=False):
     return dict(config=config or {}, env=env or {}, label_only=label_only, malloc=malloc,
-                shared_prompt=shared_prompt, unpad=unpad, dropout=dropout, base_dtype=base_dtype, attn=attn)
+                shared_prompt=shared_prompt, unpad=unpad, dropout=dropout, base_dtype=base_dtype, attn=attn,
+                fused=fused)
 
 
 _COMMON = {
@@ -87,8 +88,13 @@ LEVERS = {
 # fp32, as PEFT upcasts adapters), which spares autocast re-casting every weight in every op.
 # Gradient accumulation halves the activations held at once (a step still sees the same 8 examples). Eager
 # attention (plain matmuls) in place of SDPA, whose CPU flash kernel is slow in the backward at these lengths.
+# Every fast variant fuses each LoRA layer into one autograd node (train.fused_lora), as the scripts do on CPU;
+# the ", PEFT's LoRA" variants keep PEFT's forward.
 HALF_BATCHES = {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2}
 FAST_VARIANTS = {"fast": {}, "fast in fp32": {"config": {"bf16": False}},
+                 "fast in fp32, PEFT's LoRA": {"config": {"bf16": False}, "fused": False},
+                 "fast + frozen base in bf16 + eager attention, PEFT's LoRA": {
+                     "base_dtype": "bfloat16", "attn": "eager", "fused": False},
                  "fast in fp32 + eager attention": {"config": {"bf16": False}, "attn": "eager"},
                  "fast + frozen base in bf16": {"base_dtype": "bfloat16"},
                  "fast + 4x2 accumulation": {"config": HALF_BATCHES},
@@ -116,6 +122,7 @@ def variant_setting(stage: str, variant: str) -> dict:
 
     extra = dict(FAST_VARIANTS[variant])
     config = {**fast_cpu_overrides(stage), **extra.pop("config", {})}
+    extra.setdefault("fused", True)
     return setting(config, AUTO, label_only=True, malloc=True, shared_prompt=stage == "dpo",
                    unpad=True, dropout=recipe_lora_dropout(), **extra)
 
@@ -206,7 +213,8 @@ def worker(stage: str, variant: str, steps: int, batch_size: int, lora_dropout: 
     # training scripts: the shared prompt still falls back (with a warning) where its first-batch check disagrees.
     speedups.apply(trainer, label_only_head="on" if chosen["label_only"] else "off",
                    shared_prompt="auto" if chosen["shared_prompt"] else "off",
-                   unpadded_mlp="auto" if chosen["unpad"] else "off", keep_freed_memory="off")
+                   unpadded_mlp="auto" if chosen["unpad"] else "off", keep_freed_memory="off",
+                   fused_lora="on" if chosen["fused"] else "off")
     if chosen["malloc"] and not keep_freed_memory(trainer.args.device):
         raise RuntimeError("could not set glibc's malloc thresholds")
 

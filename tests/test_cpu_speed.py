@@ -296,17 +296,19 @@ def test_bf16_base_only_under_bf16_autocast_on_a_float32_recipe():
 
 def test_speedups_auto_on_off():
     used = lambda choices: {name for name, c in choices.items() if c.used}  # noqa: E731
-    everything = {"label_only_head", "shared_prompt", "unpadded_mlp"} | (
+    everything = {"label_only_head", "shared_prompt", "unpadded_mlp", "fused_lora"} | (
         {"keep_freed_memory"} if sys.platform.startswith("linux") else set())
     assert used(_resolve("dpo")) == everything  # auto on CPU: what the scripts did before these were choices
     sft = _resolve("sft")
     assert used(sft) == everything - {"shared_prompt"} and "sft has no pairs" in sft["shared_prompt"].why
-    assert used(_resolve("dpo", label_only_head="off")) == everything & {"keep_freed_memory"}
-    assert used(_resolve("dpo", unpadded_mlp="off", keep_freed_memory="off")) == {"label_only_head", "shared_prompt"}
+    assert used(_resolve("dpo", label_only_head="off")) == everything & {"keep_freed_memory", "fused_lora"}
+    assert used(_resolve("dpo", unpadded_mlp="off", keep_freed_memory="off", fused_lora="off")) == {
+        "label_only_head", "shared_prompt"}
     checkpointing = _resolve("dpo", checkpointing=True)
     assert not checkpointing["shared_prompt"].used and "gradient_checkpointing" in checkpointing["unpadded_mlp"].why
     gpu = _resolve("dpo", device="cuda")
     assert used(gpu) == set() and "cuda" in gpu["label_only_head"].why and "cuda" in gpu["keep_freed_memory"].why
+    assert "cuda" in gpu["fused_lora"].why
     assert _resolve("dpo", device="cuda", label_only_head="on")["label_only_head"].used  # asked for: used anywhere
     # `on` where it cannot apply stops the run, naming the key
     with pytest.raises(speedups.SpeedupError, match="shared_prompt: on.*sft has no pairs"):
@@ -406,6 +408,56 @@ def test_sft_self_check_stops_the_run_when_the_head_was_asked_for(tiny_model_dir
 def test_off_keeps_trls_forward(tiny_model_dir, tmp_path):
     trainer = _sft_trainer(tiny_model_dir, tmp_path, gradient_checkpointing=False)
     forward = trainer.model.get_base_model().forward
-    choices, heads = speedups.apply(trainer, label_only_head="off", keep_freed_memory="off")
+    choices, heads = speedups.apply(trainer, label_only_head="off", keep_freed_memory="off", fused_lora="off")
     assert heads == [] and not any(c.used for c in choices.values())
     assert trainer.model.get_base_model().forward == forward
+    assert not any(hasattr(m, "_peft_forward") for m in trainer.model.modules())  # PEFT's LoRA forward
+
+
+def _lora_model(tiny_model_dir, **lora):
+    from peft import get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(load_model(tiny_model_dir), LoraConfig(**{**LORA, **lora}))
+    for p in model.parameters():
+        if p.requires_grad:  # B starts at zero: give the update a value, so its gradients and output count
+            p.data.normal_(0, 0.05)
+    return model
+
+
+def _lm_loss_and_grads(model, ids, mask, autocast=False):
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_fused_lora_trains_like_peft(tiny_model_dir):
+    from train.fused_lora import FusedLora
+
+    model = _lora_model(tiny_model_dir)
+    ids = torch.randint(0, 100, (3, 11))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    for autocast, tol in ((False, 1e-5), (True, 2e-2)):  # bf16: the same ops, rounded in another order
+        loss, grads = _lm_loss_and_grads(model, ids, mask, autocast)
+        fused = FusedLora(model)
+        assert fused.wrapped == 14  # 7 linear layers x 2 decoder layers
+        fused_loss, fused_grads = _lm_loss_and_grads(model, ids, mask, autocast)
+        torch.testing.assert_close(fused_loss, loss, rtol=tol, atol=tol)
+        assert grads.keys() == fused_grads.keys() and all(g.abs().sum() > 0 for g in grads.values())
+        for name, grad in grads.items():  # relative to each tensor's largest gradient
+            assert (fused_grads[name] - grad).abs().max() <= tol * grad.abs().max(), name
+        with torch.no_grad(), model.disable_adapter():  # DPO's reference pass: PEFT's forward, adapters off
+            reference = model(input_ids=ids, attention_mask=mask).logits
+        fused.remove()
+        with torch.no_grad(), model.disable_adapter():
+            torch.testing.assert_close(reference, model(input_ids=ids, attention_mask=mask).logits)
+
+
+def test_fused_lora_leaves_layers_it_cannot_compute(tiny_model_dir):
+    from train.fused_lora import FusedLora
+
+    assert FusedLora(_lora_model(tiny_model_dir, lora_dropout=0.1)).wrapped == 0
+    assert FusedLora(_lora_model(tiny_model_dir, use_dora=True)).wrapped == 0

@@ -72,7 +72,8 @@ def test_sft_then_dpo_saves_complete_adapters(tiny_model_dir, data_dir, tmp_path
     assert manifest["hardware"]["attention"] == "eager"  # the recipe's ModelConfig keys reach from_pretrained
     assert (chosen["use_cpu"]["value"] is True and "bf16" in chosen["bf16"]["why"]) if cpu_run else chosen == {}
     forward = manifest["forward"]  # which forward trained the adapter, and what its first-batch check found
-    assert set(forward) == {"label_only_head", "shared_prompt", "unpadded_mlp", "keep_freed_memory", "bf16_base"}
+    assert set(forward) == {"label_only_head", "shared_prompt", "unpadded_mlp", "keep_freed_memory", "fused_lora",
+                            "bf16_base"}
     assert forward["label_only_head"]["asked"] == "auto" and forward["label_only_head"]["used"] is cpu_run
     if cpu_run:
         assert forward["label_only_head"]["check"].startswith("checked") and not forward["shared_prompt"]["used"]

@@ -92,6 +92,11 @@ class ScriptArguments(AnchorArguments, PersonaMonitorArguments):
     keep_freed_memory: typing.Literal["auto", "on", "off"] = dataclasses.field(
         default="auto", metadata={"help": "glibc keeps freed memory for reuse instead of returning it (auto: on CPU)."}
     )
+    fused_lora: typing.Literal["auto", "on", "off"] = dataclasses.field(
+        default="auto",
+        metadata={"help": "Each LoRA linear layer as one autograd node: no input casts, scaling folded into B (auto: on "
+                          "CPU; layers with dropout, DoRA or a quantized base keep PEFT's forward)."},
+    )
     # auto: faster, less memory, losses as bf16 autocast's with fp32 weights (measured: README "Performance")
     bf16_base: typing.Literal["auto", "on", "off"] = dataclasses.field(
         default="auto",

@@ -7,6 +7,8 @@
 - `unpadded_mlp`: MLPs on real tokens only (`train.unpadded_mlp`); `auto`: with the label-only head and no gradient
   checkpointing.
 - `keep_freed_memory`: glibc keeps freed memory for reuse (`train.hardware.keep_freed_memory`); `auto`: on CPU.
+- `fused_lora`: each LoRA linear layer as one autograd node (`train.fused_lora`); `auto`: on CPU, where PEFT's
+  per-layer casts and small ops cost more than the rank-r matmuls.
 - `bf16_base`: the frozen base weights loaded in bf16 when training runs under bf16 autocast (LoRA weights and
   optimizer state stay fp32); `auto` (the default): on CPU, where autocast would otherwise re-cast every weight in
   every op.
@@ -21,7 +23,7 @@ import logging
 logger = logging.getLogger(__name__)
 
 CHOICES = ("auto", "on", "off")
-NAMES = ("label_only_head", "shared_prompt", "unpadded_mlp", "keep_freed_memory", "bf16_base")
+NAMES = ("label_only_head", "shared_prompt", "unpadded_mlp", "keep_freed_memory", "fused_lora", "bf16_base")
 
 
 class SpeedupError(ValueError):
@@ -90,6 +92,9 @@ def resolve(stage: str, script_args, training_args, model_args=None) -> dict[str
         malloc = f"{device}: the large tensors live in device memory"
     choices["keep_freed_memory"] = _choose("keep_freed_memory", asked["keep_freed_memory"], malloc,
                                            "cpu: large freed blocks are reused, not page-faulted in every step")
+    fused = f"{device}: PEFT's forward is the fast one there" if device != "cpu" and asked["fused_lora"] == "auto" else None
+    choices["fused_lora"] = _choose("fused_lora", asked["fused_lora"], fused,
+                                    "cpu: one autograd node per LoRA layer, no input casts")
     base = None
     dtype = str(getattr(model_args, "dtype", "float32"))
     if not getattr(training_args, "bf16", False):
@@ -117,6 +122,7 @@ def install(trainer, choices: dict[str, Choice]) -> list:
     """
     from peft import PeftModel
 
+    from train.fused_lora import FusedLora
     from train.hardware import keep_freed_memory
     from train.label_only_head import LabelOnlyHead, model_problem
 
@@ -147,6 +153,15 @@ def install(trainer, choices: dict[str, Choice]) -> list:
         ).install())
     if choices["keep_freed_memory"].used and not keep_freed_memory():
         raise SpeedupError("keep_freed_memory: glibc refused the mallopt settings")
+    if choices["fused_lora"].used:
+        fused = FusedLora(trainer.accelerator.unwrap_model(trainer.model))
+        if not fused.wrapped:
+            problem = "no LoRA layer it can take (dropout, DoRA or a quantized base keep PEFT's forward)"
+            if choices["fused_lora"].asked == "on":
+                raise SpeedupError(f"fused_lora: on, but {problem}. Set fused_lora: auto or off")
+            choices["fused_lora"] = Choice(choices["fused_lora"].asked, False, problem)
+        else:
+            choices["fused_lora"].why += f" ({fused.wrapped} layers)"
     return heads
 
 
