@@ -89,11 +89,11 @@ LEVERS = {
 # Gradient accumulation halves the activations held at once (a step still sees the same 8 examples). Eager
 # attention (plain matmuls) in place of SDPA, whose CPU flash kernel is slow in the backward at these lengths.
 # Every fast variant fuses each LoRA layer into one autograd node (train.fused_lora), as the scripts do on CPU;
-# the ", PEFT's LoRA" variants keep PEFT's forward.
+# the "with PEFT's LoRA" variants keep PEFT's forward.
 HALF_BATCHES = {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2}
 FAST_VARIANTS = {"fast": {}, "fast in fp32": {"config": {"bf16": False}},
-                 "fast in fp32, PEFT's LoRA": {"config": {"bf16": False}, "fused": False},
-                 "fast + frozen base in bf16 + eager attention, PEFT's LoRA": {
+                 "fast in fp32 with PEFT's LoRA": {"config": {"bf16": False}, "fused": False},
+                 "fast + frozen base in bf16 + eager attention with PEFT's LoRA": {
                      "base_dtype": "bfloat16", "attn": "eager", "fused": False},
                  "fast in fp32 + eager attention": {"config": {"bf16": False}, "attn": "eager"},
                  "fast + frozen base in bf16": {"base_dtype": "bfloat16"},
