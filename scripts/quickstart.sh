@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run the whole pipeline on the embedded default model: data -> LoRA SFT -> LoRA DPO -> eval -> report.
 #
-#   scripts/quickstart.sh             SmolLM2-135M-Instruct, recipes/quickstart/ (about 15 min on 2 CPU cores)
+#   scripts/quickstart.sh             SmolLM2-135M-Instruct, recipes/quickstart/ (about 7 min on 2 CPU cores)
 #   scripts/quickstart.sh --smoke     tiny random model, recipes/smoke/ (a few minutes incl. first install)
 #   scripts/quickstart.sh --seeds N   data once, then SFT, DPO and eval for training seeds 0..N-1 into
 #                                     runs/<recipe>/seed<k>/, and one report across seeds (t intervals); N >= 3
@@ -37,6 +37,14 @@ if python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)
   ACCEL=recipes/accelerate_configs/single_gpu.yaml
 fi
 
+# Training runs with mimalloc preloaded where it is installed (pyproject: Linux x86-64), keeping freed memory for
+# reuse: glibc's heap fragments across batches of different lengths (README "Performance"). A user's LD_PRELOAD wins.
+TRAIN_ENV=()
+MIMALLOC=$(python -c "from train.hardware import mimalloc_library; print(mimalloc_library() or '')")
+if [ -n "$MIMALLOC" ] && [ -z "${LD_PRELOAD:-}" ]; then
+  TRAIN_ENV=(env "LD_PRELOAD=$MIMALLOC" "MIMALLOC_PURGE_DELAY=${MIMALLOC_PURGE_DELAY:--1}")
+fi
+
 start=$(date +%s)
 step() {
   local name="$1"; shift
@@ -48,8 +56,8 @@ step() {
 
 step "1/$STEPS data"  python -m data_gen --config "$R/data.yaml"
 if [ -z "$SEEDS" ]; then
-  step "2/4 SFT"   accelerate launch --config_file "$ACCEL" -m train.sft --config "$R/sft.yaml"
-  step "3/4 DPO"   accelerate launch --config_file "$ACCEL" -m train.dpo --config "$R/dpo.yaml"
+  step "2/4 SFT"   "${TRAIN_ENV[@]}" accelerate launch --config_file "$ACCEL" -m train.sft --config "$R/sft.yaml"
+  step "3/4 DPO"   "${TRAIN_ENV[@]}" accelerate launch --config_file "$ACCEL" -m train.dpo --config "$R/dpo.yaml"
   step "4/4 eval"  python -m eval --config "$R/eval.yaml"
 else
   # Only the training seed changes: the eval's own seed (bootstrap, pair subsample) stays, so every seed is
@@ -57,9 +65,9 @@ else
   RUNS=()
   for k in $(seq 0 $((SEEDS - 1))); do
     S="runs/$RECIPE/seed$k"
-    step "2/5 SFT seed $k"  accelerate launch --config_file "$ACCEL" -m train.sft --config "$R/sft.yaml" \
+    step "2/5 SFT seed $k"  "${TRAIN_ENV[@]}" accelerate launch --config_file "$ACCEL" -m train.sft --config "$R/sft.yaml" \
                               --seed "$k" --output_dir "$S/sft"
-    step "3/5 DPO seed $k"  accelerate launch --config_file "$ACCEL" -m train.dpo --config "$R/dpo.yaml" \
+    step "3/5 DPO seed $k"  "${TRAIN_ENV[@]}" accelerate launch --config_file "$ACCEL" -m train.dpo --config "$R/dpo.yaml" \
                               --seed "$k" --sft_adapter "$S/sft" --output_dir "$S/dpo"
     step "4/5 eval seed $k" python -m eval --config "$R/eval.yaml" --adapters "{sft: $S/sft, dpo: $S/dpo}" --output_dir "$S"
     RUNS+=("$S")

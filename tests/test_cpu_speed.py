@@ -461,3 +461,18 @@ def test_fused_lora_leaves_layers_it_cannot_compute(tiny_model_dir):
 
     assert FusedLora(_lora_model(tiny_model_dir, lora_dropout=0.1)).wrapped == 0
     assert FusedLora(_lora_model(tiny_model_dir, use_dora=True)).wrapped == 0
+
+
+def test_mimalloc_ships_on_linux_x86_64_and_turns_glibc_tuning_off(monkeypatch):
+    import platform
+    from pathlib import Path
+
+    from train.hardware import malloc_problem, mimalloc_library, preloaded_allocator
+
+    if sys.platform.startswith("linux") and platform.machine() == "x86_64":  # pyproject installs it there
+        assert Path(mimalloc_library()).is_file()
+    monkeypatch.setenv("LD_PRELOAD", "/somewhere/libmimalloc.so")
+    assert preloaded_allocator() == "mimalloc" and "mimalloc is preloaded" in malloc_problem()
+    assert not keep_freed_memory()
+    monkeypatch.setenv("LD_PRELOAD", "")
+    assert preloaded_allocator() is None

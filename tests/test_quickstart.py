@@ -49,3 +49,16 @@ def test_smoke_pipeline_writes_data_adapters_and_report(smoke_run):
         assert report[key], key
     assert (run / "report.md").read_text().strip()
     assert list((run / "plots").glob("*.png"))
+
+
+def test_smoke_pipeline_trains_with_mimalloc_where_installed(smoke_run):
+    from train.hardware import mimalloc_library
+
+    work, proc = smoke_run
+    expected = "mimalloc" if mimalloc_library() else "the C library's malloc"
+    for stage in ("sft", "dpo"):
+        manifest = json.loads((work / "runs" / "smoke" / stage / "training_manifest.json").read_text())
+        assert manifest["hardware"]["allocator"] == expected, stage
+        if mimalloc_library():  # glibc's settings would do nothing under it, and the manifest says so
+            assert not manifest["forward"]["keep_freed_memory"]["used"]
+            assert "mimalloc is preloaded" in manifest["forward"]["keep_freed_memory"]["why"]
