@@ -309,6 +309,8 @@ def test_speedups_auto_on_off():
     gpu = _resolve("dpo", device="cuda")
     assert used(gpu) == set() and "cuda" in gpu["label_only_head"].why and "cuda" in gpu["keep_freed_memory"].why
     assert "cuda" in gpu["fused_lora"].why
+    with pytest.raises(speedups.SpeedupError, match="fused_lora: on.*cuda"):
+        _resolve("dpo", device="cuda", fused_lora="on")
     assert _resolve("dpo", device="cuda", label_only_head="on")["label_only_head"].used  # asked for: used anywhere
     # `on` where it cannot apply stops the run, naming the key
     with pytest.raises(speedups.SpeedupError, match="shared_prompt: on.*sft has no pairs"):

@@ -92,7 +92,7 @@ def resolve(stage: str, script_args, training_args, model_args=None) -> dict[str
         malloc = f"{device}: the large tensors live in device memory"
     choices["keep_freed_memory"] = _choose("keep_freed_memory", asked["keep_freed_memory"], malloc,
                                            "cpu: large freed blocks are reused, not page-faulted in every step")
-    fused = f"{device}: PEFT's forward is the fast one there" if device != "cpu" and asked["fused_lora"] == "auto" else None
+    fused = f"{device}: written for CPU autocast (PEFT's forward is the fast one there)" if device != "cpu" else None
     choices["fused_lora"] = _choose("fused_lora", asked["fused_lora"], fused,
                                     "cpu: one autograd node per LoRA layer, no input casts")
     base = None
