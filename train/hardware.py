@@ -166,8 +166,9 @@ def malloc_problem() -> str | None:
     """Why glibc's allocator cannot be tuned in this process, or None when it can."""
     import ctypes
 
-    if preloaded_allocator():
-        return f"{preloaded_allocator()} is preloaded (LD_PRELOAD): glibc's malloc is not the one in use"
+    preloaded = preloaded_allocator()
+    if preloaded:
+        return f"{preloaded} is preloaded (LD_PRELOAD): glibc's malloc is not the one in use"
     if not sys.platform.startswith("linux"):
         return f"not Linux ({sys.platform})"
     try:
