@@ -346,9 +346,9 @@ def _broken_head(monkeypatch):
 
     real = LabelOnlyHead.token_log_probs
 
-    def off_by_one(self, hidden, target, full=True):
-        logits, log_p, token_log_p = real(self, hidden, target, full)
-        return logits, log_p, token_log_p + 1.0
+    def off_by_one(self, hidden, target, metrics=()):
+        token_log_p, values, max_abs_logit = real(self, hidden, target, metrics)
+        return token_log_p + 1.0, values, max_abs_logit
 
     monkeypatch.setattr(LabelOnlyHead, "token_log_probs", off_by_one)
 
@@ -478,3 +478,65 @@ def test_mimalloc_ships_on_linux_x86_64_and_turns_glibc_tuning_off(monkeypatch):
     assert not keep_freed_memory()
     monkeypatch.setenv("LD_PRELOAD", "")
     assert preloaded_allocator() is None
+
+
+def _head_case(vocab=97, hidden_size=24, tokens=23):
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(vocab, hidden_size, generator=generator) * 0.5
+    hidden = torch.randn(tokens, hidden_size, generator=generator)
+    target = torch.randint(0, vocab, (tokens,), generator=generator)
+    target[::2] = (hidden @ weight.t()).argmax(-1)[::2]  # some targets the model's top choice
+    upstream = torch.randn(tokens, generator=generator)  # DPO: a different gradient for each token
+    return weight, hidden, target, upstream
+
+
+def _head_outputs(weight, hidden, target, upstream, autocast):
+    from train.token_log_probs import METRICS, token_log_probs
+
+    hidden = hidden.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        log_p, values, max_abs = token_log_probs(hidden, weight, target, METRICS)
+    (log_p * upstream).sum().backward()
+    return log_p.detach(), values, max_abs, hidden.grad
+
+
+def test_chunked_log_probs_equal_the_whole_logits_computation(monkeypatch):
+    from train import token_log_probs
+
+    weight, hidden, target, upstream = _head_case()
+    for autocast, tol in ((False, 1e-5), (True, 2e-2)):
+        monkeypatch.setattr(token_log_probs, "CHUNK_ELEMENTS", 10**9)
+        trainable = weight.clone().requires_grad_()  # a trainable head: plain ops and autograd
+        expected = _head_outputs(trainable, hidden, target, upstream, autocast)
+        assert trainable.grad is not None
+        for elements in (5 * 97, 16 * 97, 10**9):  # chunks of 16 tokens (the floor) and one chunk for all 23
+            monkeypatch.setattr(token_log_probs, "CHUNK_ELEMENTS", elements)
+            got = _head_outputs(weight, hidden, target, upstream, autocast)
+            torch.testing.assert_close(got[0], expected[0], rtol=tol, atol=tol)
+            assert got[1].keys() == expected[1].keys() == set(token_log_probs.METRICS) - {"max_abs_logit"}
+            for name, value in expected[1].items():
+                if name == "is_top1":  # bf16 logits can tie at the top; fp32 ones do not here
+                    assert value.any() and (autocast or torch.equal(got[1][name], value))
+                else:
+                    torch.testing.assert_close(got[1][name], value, rtol=tol, atol=tol)
+            assert got[2] == pytest.approx(expected[2], rel=tol)
+            assert expected[3].abs().sum() > 0
+            assert (got[3] - expected[3]).abs().max() <= tol * expected[3].abs().max()
+
+
+def test_chunked_log_probs_gradient_is_checked_by_the_comparison(monkeypatch):
+    """The comparison above catches a wrong gradient: one that forgets the target's own term."""
+    from train import token_log_probs
+
+    weight, hidden, target, upstream = _head_case()
+    right = _head_outputs(weight.clone().requires_grad_(), hidden, target, upstream, False)[3]
+    real_scatter = torch.Tensor.scatter_add_
+    monkeypatch.setattr(torch.Tensor, "scatter_add_", lambda self, *a: self)  # drops W[target]
+    wrong = _head_outputs(weight, hidden, target, upstream, False)[3]
+    monkeypatch.setattr(torch.Tensor, "scatter_add_", real_scatter)
+    assert (wrong - right).abs().max() > 0.1 * right.abs().max()
+    with torch.no_grad():  # no gradient wanted: none computed or kept
+        log_p, _, _ = token_log_probs.token_log_probs(hidden, weight, target)
+    assert log_p.grad_fn is None
+    with pytest.raises(ValueError, match="unknown metrics"):
+        token_log_probs.token_log_probs(hidden, weight, target, ("perplexity",))

@@ -1,10 +1,9 @@
 """An LM head for SFTTrainer/DPOTrainer that scores only the positions that carry a label.
 
 TRL's fused head on devices without Triton scores *every* position (prompt and padding included) in 32768-wide
-fp32 tiles, with about fifteen elementwise passes per tile, forward and backward. This one runs one log-softmax on
-the labelled positions and fills the same `FusedCausalLMOutput` fields (loss, per-token log-probs, entropy, token
-accuracy, mean logits). It materialises the labelled tokens' logits (tokens x vocabulary, fp32), which CPU batches
-afford. Optional parts: DPO pairs' prompts computed once (`train.shared_prompt`) and MLPs on real tokens only
+fp32 tiles, with about fifteen elementwise passes per tile, forward and backward. This one scores the labelled
+positions only, a chunk of tokens at a time (`train.token_log_probs`), and fills the same `FusedCausalLMOutput` fields
+(loss, per-token log-probs, entropy, token accuracy, mean logits). Optional parts: DPO pairs' prompts computed once (`train.shared_prompt`) and MLPs on real tokens only
 (`train.unpadded_mlp`).
 
 It replaces the forward TRL installs (`add_fused_lm_head`), a TRL-private hook: `trl_hook_problem` says when the
@@ -76,14 +75,6 @@ def _tolerance(dtype, max_abs_logit: float) -> float:
     return 1e-3 + 2 * torch.finfo(dtype).eps * max_abs_logit
 
 
-def compute_dtype(tensor):
-    """The dtype matmuls on `tensor` run in here: autocast's while it is on, else the tensor's own."""
-    import torch
-
-    device = tensor.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else tensor.dtype
-
-
 class LabelOnlyHead:
     """The replacement forward of one model (`install` binds it); it keeps what its self-checks found."""
 
@@ -112,17 +103,12 @@ class LabelOnlyHead:
         model.forward = types.MethodType(forward, model)
         return self
 
-    def token_log_probs(self, hidden, target, full=True):
-        """(logits, log-softmax or None, log-prob of each target); full=False skips the vocabulary-wide log-softmax."""
-        import torch
+    def token_log_probs(self, hidden, target, metrics=()):
+        """(log-prob of each target, {metric: values}, largest |logit|): `train.token_log_probs` on this model's head."""
+        from train.token_log_probs import token_log_probs
 
-        lm_head = self.model.get_output_embeddings()
-        logits = lm_head(hidden.to(lm_head.weight.device)).float()
-        target = target.to(logits.device).unsqueeze(-1)
-        if not full:  # one pass over the logits instead of writing a second tokens x vocabulary tensor
-            return logits, None, logits.gather(-1, target).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-        log_p = torch.log_softmax(logits, dim=-1)
-        return logits, log_p, log_p.gather(-1, target).squeeze(-1)
+        weight = self.model.get_output_embeddings().weight
+        return token_log_probs(hidden.to(weight.device), weight, target, metrics)
 
     def __call__(self, model, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None,
                  **kwargs):
@@ -147,6 +133,7 @@ class LabelOnlyHead:
         from trl.trainer.utils import FusedCausalLMOutput
 
         from train import shared_prompt
+        from train.token_log_probs import compute_dtype
 
         kwargs["use_cache"] = False
         layout = None
@@ -170,9 +157,9 @@ class LabelOnlyHead:
                 self.prompt_checked = True
                 with torch.no_grad():
                     plain = model.base_model(*args, **kwargs).last_hidden_state[:, :-1][mask]
-                    logits, _, shared_log_p = self.token_log_probs(hidden, target)
-                    diff = (shared_log_p - self.token_log_probs(plain, shift_labels[mask])[2]).abs().max()
-                    bound = _tolerance(compute_dtype(hidden), float(logits.abs().max()))
+                    shared_log_p, _, max_abs_logit = self.token_log_probs(hidden, target, ("max_abs_logit",))
+                    diff = (shared_log_p - self.token_log_probs(plain, shift_labels[mask])[0]).abs().max()
+                    bound = _tolerance(compute_dtype(hidden), max_abs_logit)
                 if not torch.equal(target, shift_labels[mask]) or not diff <= bound:
                     message = (f"DPO shared-prompt forward disagrees with the plain forward on this model (max log-prob "
                                f"difference {float(diff):.3g}, bound {bound:.3g})")
@@ -199,24 +186,16 @@ class LabelOnlyHead:
         mask = mask.to(self.model.get_output_embeddings().weight.device)
         # Metrics only, as in SFTTrainer and DPOTrainer; not for DPO's reference forward (no grad in training)
         metrics = torch.is_grad_enabled() or not model.training
-        logits, log_p, token_log_p = self.token_log_probs(hidden, target, full=metrics)
+        wanted = list(self.outputs) if metrics else []
         if not self.head_checked:  # the first batch's largest logit sets its check's rounding bound
-            self.max_abs_logit = float(logits.detach().abs().max()) if logits.numel() else 0.0
+            wanted.append("max_abs_logit")
+        token_log_p, values, self.max_abs_logit = self.token_log_probs(hidden, target, wanted)
 
         def spread(x):  # back to (batch, seq), zero on ignored positions, like TRL's head
             return x.new_zeros(mask.shape).masked_scatter(mask, x)
 
         fields = dict.fromkeys(("entropy", "log_sum_sq_probs", "mean_logits", "is_top1"))
-        if metrics:
-            with torch.no_grad():
-                if "entropy" in self.outputs:
-                    fields["entropy"] = spread(-(log_p.exp() * log_p).sum(-1))
-                if "log_sum_sq_probs" in self.outputs:
-                    fields["log_sum_sq_probs"] = spread(torch.logsumexp(2 * log_p, dim=-1))
-                if "mean_logits" in self.outputs:
-                    fields["mean_logits"] = spread(logits.mean(-1))
-                if "is_top1" in self.outputs:  # argmax takes the first maximum, as TRL's head does
-                    fields["is_top1"] = spread(logits.argmax(-1) == target.to(logits.device))
+        fields.update({name: spread(value) for name, value in values.items()})
         log_probs = spread(token_log_p)
         denominator = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
         loss = -token_log_p.sum() / denominator
@@ -225,6 +204,8 @@ class LabelOnlyHead:
     def _check_against_trl(self, args, kwargs, labels, shift_labels, num_items_in_batch, out) -> bool:
         """Compare this batch's label-only output with TRL's own head; whether they agree."""
         import torch
+
+        from train.token_log_probs import compute_dtype
 
         device = out.log_probs.device
         # The RNG is forked so that the extra forward leaves dropout masks (and so the losses) as they were
