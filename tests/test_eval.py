@@ -85,6 +85,26 @@ def test_kl_zero_for_identical_model_positive_after_perturbing(tiny_model_dir, e
     assert ref["sft"]["kl"]["ci_low"] > 0
 
 
+def test_eval_model_head_gets_contiguous_hidden_states(tiny_model_dir, eval_setup):
+    """`logits_to_keep` slices the hidden states; a strided slice into a frozen head takes PyTorch's broadcast
+    matmul on CPU (a weight copy per row). The eval's model hands its head a contiguous tensor, same logits."""
+    import torch
+
+    from eval.variants import load_variants
+
+    v = load_variants(tiny_model_dir, {"sft": str(eval_setup / "sft")})
+    head = v.model.get_output_embeddings()
+    assert not head.weight.requires_grad  # the case the slow path needs
+    seen = []
+    head.register_forward_pre_hook(lambda module, args: seen.append(args[0].is_contiguous()))
+    ids = torch.randint(3, 100, (3, 9))
+    with torch.inference_mode():
+        kept = v.model(input_ids=ids, logits_to_keep=4).logits
+        full = v.model(input_ids=ids).logits
+    assert seen == [True, True]
+    torch.testing.assert_close(kept, full[:, -4:])
+
+
 def test_config_errors_name_file_and_key_before_loading(tmp_path):
     from eval.run import main
 
