@@ -104,7 +104,10 @@ FAST_VARIANTS = {"fast": {}, "fast in fp32": {"config": {"bf16": False}},
                      "config": {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 4}},
                  "fast + frozen base in bf16 + eager attention": {"base_dtype": "bfloat16", "attn": "eager"},
                  "fast + frozen base in bf16 + 4x2 accumulation + eager attention": {
-                     "base_dtype": "bfloat16", "config": HALF_BATCHES, "attn": "eager"}}
+                     "base_dtype": "bfloat16", "config": HALF_BATCHES, "attn": "eager"},
+                 "fast + frozen base in bf16 + 2x4 accumulation + eager attention": {
+                     "base_dtype": "bfloat16", "attn": "eager",
+                     "config": {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 4}}}
 
 
 def recipe_lora_dropout() -> float:
