@@ -1,4 +1,4 @@
-"""Each labelled token's log-probability under a frozen LM head, a few hundred tokens of logits at a time.
+"""Each labelled token's log-probability under a frozen LM head, the logits of a few dozen tokens at a time.
 
 The label-only head (`train.label_only_head`) needs, for each labelled position, log p(target) = z_t - logsumexp(z)
 with z = W h, plus a few metrics (entropy, mean logit, top-1). Written as plain ops, autograd keeps the whole
@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-# Tokens per chunk: the fp32 logits of one chunk stay near 16 MiB for any vocabulary (48 tokens for 128k words)
+# Tokens per chunk: one chunk's fp32 logits stay near 16 MiB for any vocabulary (85 tokens for SmolLM2's 49k words,
+# 32 for a 128k vocabulary)
 CHUNK_ELEMENTS = 4 * 2**20
 METRICS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "max_abs_logit")
 
