@@ -2,9 +2,9 @@
 
 TRL's fused head on devices without Triton scores *every* position (prompt and padding included) in 32768-wide
 fp32 tiles, with about fifteen elementwise passes per tile, forward and backward. This one scores the labelled
-positions only, a chunk of tokens at a time (`train.token_log_probs`), and fills the same `FusedCausalLMOutput` fields
-(loss, per-token log-probs, entropy, token accuracy, mean logits). Optional parts: DPO pairs' prompts computed once (`train.shared_prompt`) and MLPs on real tokens only
-(`train.unpadded_mlp`).
+positions only, a chunk of tokens at a time (`train.token_log_probs`), and fills the same `FusedCausalLMOutput`
+fields (loss, per-token log-probs, entropy, token accuracy, mean logits). Optional parts: DPO pairs' prompts
+computed once (`train.shared_prompt`) and MLPs on real tokens only (`train.unpadded_mlp`).
 
 It replaces the forward TRL installs (`add_fused_lm_head`), a TRL-private hook: `trl_hook_problem` says when the
 installed TRL lacks it. Each path checks itself against the plain one on the first batch it handles (the padded
