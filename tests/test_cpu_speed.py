@@ -73,6 +73,16 @@ def test_thread_wait_policy_chosen_by_load(monkeypatch, tmp_path):
     assert configure_process()["omp_wait_policy"] == "PASSIVE" and os.environ["OMP_WAIT_POLICY"] == "PASSIVE"  # busy
 
 
+def test_onednn_primitive_cache_bounded_unless_the_user_set_it(monkeypatch):
+    import train.hardware
+
+    monkeypatch.setattr(train.hardware, "process_settings", {})
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    assert configure_process()["onednn_primitive_cache"] == "64" == os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"]
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "512")
+    assert configure_process()["onednn_primitive_cache"] == "512"
+
+
 @pytest.mark.subprocess
 def test_importing_the_training_scripts_leaves_the_process_alone():
     code = ("import os, sys; before = dict(os.environ); import train.sft, train.dpo, train.run, data_gen.__main__, "

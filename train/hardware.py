@@ -25,6 +25,10 @@ BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 # glibc mallopt() parameters (malloc.h)
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
 
+# oneDNN (PyTorch's CPU matmuls) keeps up to 1024 primitives, one per matmul shape, each with its own buffers; batches
+# of varying length make new shapes all run. 64 hold a step's shapes. Measured on the quickstart (AMD EPYC with
+# AVX512-BF16, mimalloc): SFT peak 2.73 -> 2.42 GiB, DPO 2.59 -> 2.35 GiB, stage times within noise (README).
+ONEDNN_CACHE_CAPACITY = "64"
 # What configure_process() did and why (the run manifest records it)
 process_settings: dict = {}
 
@@ -66,7 +70,8 @@ def choose_wait_policy(busy_threshold: float = 0.25) -> tuple[str | None, str]:
 
 
 def configure_process() -> dict:
-    """Set this process up for training or eval: OpenMP wait policy, no telemetry. Call first thing in `__main__`.
+    """Set this process up for training or eval: OpenMP wait policy, oneDNN's cache size, no telemetry. Call first
+    thing in `__main__`.
 
     libgomp reads the wait policy once, when torch loads it, so this must run before `import torch`.
     Returns (and keeps in `process_settings`) what it chose and why.
@@ -77,8 +82,10 @@ def configure_process() -> dict:
     policy, why = choose_wait_policy()
     if policy is not None:
         os.environ["OMP_WAIT_POLICY"] = policy
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", ONEDNN_CACHE_CAPACITY)  # read at the first matmul
     process_settings.update(omp_wait_policy=policy or "default", omp_wait_policy_why=why,
-                            allocator=preloaded_allocator() or "the C library's malloc")
+                            allocator=preloaded_allocator() or "the C library's malloc",
+                            onednn_primitive_cache=os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"])
     return dict(process_settings)
 
 
