@@ -22,11 +22,13 @@ import types
 import torch
 from torch import nn
 
+from train.token_log_probs import compute_dtype
+
 
 class _LoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling):
-        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+        dtype = compute_dtype(x)
         with torch.autocast("cpu", enabled=False):
             xc, w, a = x.to(dtype), weight.to(dtype), lora_a.to(dtype)
             b = (lora_b * scaling).to(dtype)
