@@ -45,10 +45,10 @@ PADDING_FREE = {**NO_GC, "padding_free": True, "max_length": None}  # SFTTrainer
 
 
 def setting(config=None, env=None, label_only=False, malloc=False, shared_prompt=False, unpad=False, dropout=None,
-            base_dtype="float32", attn="sdpa", fused=False):
+            base_dtype="float32", attn="sdpa", fused=False, norm=False, fused_attn=False):
     return dict(config=config or {}, env=env or {}, label_only=label_only, malloc=malloc,
                 shared_prompt=shared_prompt, unpad=unpad, dropout=dropout, base_dtype=base_dtype, attn=attn,
-                fused=fused)
+                fused=fused, norm=norm, fused_attn=fused_attn)
 
 
 _COMMON = {
@@ -89,7 +89,9 @@ LEVERS = {
 # Gradient accumulation halves the activations held at once (a step still sees the same 8 examples). Eager
 # attention (plain matmuls) in place of SDPA, whose CPU flash kernel is slow in the backward at these lengths.
 # Every fast variant fuses each LoRA layer into one autograd node (train.fused_lora), as the scripts do on CPU;
-# the "with PEFT's LoRA" variants keep PEFT's forward.
+# the "with PEFT's LoRA" variants keep PEFT's forward. Every fast variant runs each RMSNorm as one node
+# (train.fused_rms_norm) but the one "with the models' RMSNorm", and runs eager attention as one node
+# (train.fused_attention) but the one "with the models' attention".
 HALF_BATCHES = {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2}
 FAST_VARIANTS = {"fast": {}, "fast in fp32": {"config": {"bf16": False}},
                  "fast in fp32 with PEFT's LoRA": {"config": {"bf16": False}, "fused": False},
@@ -107,7 +109,11 @@ FAST_VARIANTS = {"fast": {}, "fast in fp32": {"config": {"bf16": False}},
                      "base_dtype": "bfloat16", "config": HALF_BATCHES, "attn": "eager"},
                  "fast + frozen base in bf16 + 2x4 accumulation + eager attention": {
                      "base_dtype": "bfloat16", "attn": "eager",
-                     "config": {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 4}}}
+                     "config": {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 4}},
+                 "fast + frozen base in bf16 + eager attention with the models' RMSNorm": {
+                     "base_dtype": "bfloat16", "attn": "eager", "norm": False},
+                 "fast + frozen base in bf16 + eager attention with the models' attention": {
+                     "base_dtype": "bfloat16", "attn": "eager", "fused_attn": False}}
 
 
 def recipe_lora_dropout() -> float:
@@ -126,6 +132,8 @@ def variant_setting(stage: str, variant: str) -> dict:
     extra = dict(FAST_VARIANTS[variant])
     config = {**fast_cpu_overrides(stage), **extra.pop("config", {})}
     extra.setdefault("fused", True)
+    extra.setdefault("norm", True)
+    extra.setdefault("fused_attn", True)
     return setting(config, AUTO, label_only=True, malloc=True, shared_prompt=stage == "dpo",
                    unpad=True, dropout=recipe_lora_dropout(), **extra)
 
@@ -217,7 +225,8 @@ def worker(stage: str, variant: str, steps: int, batch_size: int, lora_dropout: 
     speedups.apply(trainer, label_only_head="on" if chosen["label_only"] else "off",
                    shared_prompt="auto" if chosen["shared_prompt"] else "off",
                    unpadded_mlp="auto" if chosen["unpad"] else "off", keep_freed_memory="off",
-                   fused_lora="on" if chosen["fused"] else "off")
+                   fused_lora="on" if chosen["fused"] else "off", fused_rms_norm="on" if chosen["norm"] else "off",
+                   fused_attention=("on" if chosen["attn"] == "eager" else "off") if chosen["fused_attn"] else "off")
     if chosen["malloc"] and not keep_freed_memory(trainer.args.device):
         raise RuntimeError("could not set glibc's malloc thresholds")
 

@@ -306,21 +306,24 @@ def test_bf16_base_only_under_bf16_autocast_on_a_float32_recipe():
 
 def test_speedups_auto_on_off():
     used = lambda choices: {name for name, c in choices.items() if c.used}  # noqa: E731
-    everything = {"label_only_head", "shared_prompt", "unpadded_mlp", "fused_lora"} | (
+    everything = {"label_only_head", "shared_prompt", "unpadded_mlp", "fused_lora", "fused_rms_norm", "fused_attention"} | (
         {"keep_freed_memory"} if sys.platform.startswith("linux") else set())
     assert used(_resolve("dpo")) == everything  # auto on CPU: what the scripts did before these were choices
     sft = _resolve("sft")
     assert used(sft) == everything - {"shared_prompt"} and "sft has no pairs" in sft["shared_prompt"].why
-    assert used(_resolve("dpo", label_only_head="off")) == everything & {"keep_freed_memory", "fused_lora"}
-    assert used(_resolve("dpo", unpadded_mlp="off", keep_freed_memory="off", fused_lora="off")) == {
-        "label_only_head", "shared_prompt"}
+    assert used(_resolve("dpo", label_only_head="off")) == everything - {"label_only_head", "shared_prompt",
+                                                                         "unpadded_mlp"}
+    assert used(_resolve("dpo", unpadded_mlp="off", keep_freed_memory="off", fused_lora="off", fused_rms_norm="off",
+                         fused_attention="off")) == {"label_only_head", "shared_prompt"}
     checkpointing = _resolve("dpo", checkpointing=True)
     assert not checkpointing["shared_prompt"].used and "gradient_checkpointing" in checkpointing["unpadded_mlp"].why
     gpu = _resolve("dpo", device="cuda")
     assert used(gpu) == set() and "cuda" in gpu["label_only_head"].why and "cuda" in gpu["keep_freed_memory"].why
-    assert "cuda" in gpu["fused_lora"].why
+    assert all("cuda" in gpu[name].why for name in ("fused_lora", "fused_rms_norm", "fused_attention"))
     with pytest.raises(speedups.SpeedupError, match="fused_lora: on.*cuda"):
         _resolve("dpo", device="cuda", fused_lora="on")
+    with pytest.raises(speedups.SpeedupError, match="fused_attention: on.*cuda"):
+        _resolve("dpo", device="cuda", fused_attention="on")
     assert _resolve("dpo", device="cuda", label_only_head="on")["label_only_head"].used  # asked for: used anywhere
     # `on` where it cannot apply stops the run, naming the key
     with pytest.raises(speedups.SpeedupError, match="shared_prompt: on.*sft has no pairs"):
@@ -420,10 +423,12 @@ def test_sft_self_check_stops_the_run_when_the_head_was_asked_for(tiny_model_dir
 def test_off_keeps_trls_forward(tiny_model_dir, tmp_path):
     trainer = _sft_trainer(tiny_model_dir, tmp_path, gradient_checkpointing=False)
     forward = trainer.model.get_base_model().forward
-    choices, heads = speedups.apply(trainer, label_only_head="off", keep_freed_memory="off", fused_lora="off")
+    choices, heads = speedups.apply(trainer, label_only_head="off", keep_freed_memory="off", fused_lora="off",
+                                    fused_rms_norm="off", fused_attention="off")
     assert heads == [] and not any(c.used for c in choices.values())
     assert trainer.model.get_base_model().forward == forward
     assert not any(hasattr(m, "_peft_forward") for m in trainer.model.modules())  # PEFT's LoRA forward
+    assert not any(hasattr(m, "_own_forward") for m in trainer.model.modules())  # the models' own RMSNorm
 
 
 def _lora_model(tiny_model_dir, **lora):

@@ -73,10 +73,12 @@ def test_sft_then_dpo_saves_complete_adapters(tiny_model_dir, data_dir, tmp_path
     assert (chosen["use_cpu"]["value"] is True and "bf16" in chosen["bf16"]["why"]) if cpu_run else chosen == {}
     forward = manifest["forward"]  # which forward trained the adapter, and what its first-batch check found
     assert set(forward) == {"label_only_head", "shared_prompt", "unpadded_mlp", "keep_freed_memory", "fused_lora",
-                            "bf16_base"}
+                            "fused_rms_norm", "fused_attention", "bf16_base"}
     assert forward["label_only_head"]["asked"] == "auto" and forward["label_only_head"]["used"] is cpu_run
     if cpu_run:
         assert forward["label_only_head"]["check"].startswith("checked") and not forward["shared_prompt"]["used"]
+        # eager attention as one node, compared with the model's own on its first call
+        assert forward["fused_attention"]["used"] and forward["fused_attention"]["check"].startswith("LlamaAttention passed")
 
     dpo_dir = tmp_path / "dpo"
     run_stage(
@@ -89,6 +91,7 @@ def test_sft_then_dpo_saves_complete_adapters(tiny_model_dir, data_dir, tmp_path
     sft_manifest = json.loads((sft_dir / "training_manifest.json").read_text())
     assert set(sft_manifest) | {"sft_adapter", "reference_model"} == set(manifest)
     assert manifest["hardware"]["attention"] == "sdpa"  # transformers' default: the smoke recipe names none
+    assert not manifest["forward"]["fused_attention"]["used"] and "sdpa" in manifest["forward"]["fused_attention"]["why"]
     if not torch.accelerator.is_available():
         assert manifest["forward"]["shared_prompt"]["used"] and "checked" in manifest["forward"]["shared_prompt"]["check"]
     assert not (dpo_dir / "ref").exists(), "only the trained adapter is saved, not TRL's frozen reference copy"

@@ -97,6 +97,18 @@ class ScriptArguments(AnchorArguments, PersonaMonitorArguments):
         metadata={"help": "Each LoRA linear layer as one autograd node: no input casts, scaling folded into B (auto: on "
                           "CPU; layers with dropout, DoRA or a quantized base keep PEFT's forward)."},
     )
+    fused_rms_norm: typing.Literal["auto", "on", "off"] = dataclasses.field(
+        default="auto",
+        metadata={"help": "Each RMSNorm as one autograd node with a hand-written backward, keeping no fp32 "
+                          "intermediates (auto: on CPU; a norm whose output it does not reproduce bit for bit keeps "
+                          "its own forward)."},
+    )
+    fused_attention: typing.Literal["auto", "on", "off"] = dataclasses.field(
+        default="auto",
+        metadata={"help": "A model running eager attention switches to the same attention as one autograd node: no "
+                          "key/value head repeats, probabilities kept in the compute dtype (auto: on CPU; checked "
+                          "against the model's own eager attention on the first call)."},
+    )
     # auto: faster, less memory, losses as bf16 autocast's with fp32 weights (measured: README "Performance")
     bf16_base: typing.Literal["auto", "on", "off"] = dataclasses.field(
         default="auto",

@@ -61,6 +61,7 @@ class TrainingRun:
         self.hardware = hardware_chosen(stage, script_args, training_args)
         self.speedups = speedups.resolve(stage, script_args, training_args, model_args)  # `on` that cannot apply fails here
         self.heads = []
+        self.attention = None
         self.resume = self.resumed_at_step = self.recipe = self.data_sha256 = None
 
     def check_template(self, tokenizer, dataset, *column_sets) -> None:
@@ -114,6 +115,7 @@ class TrainingRun:
         from train import speedups
         from train.outputs import assert_adapter_changed, lora_snapshot
 
+        self.attention = getattr(trainer.model.config, "_attn_implementation", None)  # before fused_attention
         self.heads = speedups.install(trainer, self.speedups)
         self.state.print(self.forward_summary())
         before = lora_snapshot(trainer.model)
@@ -152,7 +154,7 @@ class TrainingRun:
                 "device": str(self.training_args.device),
                 "precision": self.precision(),
                 # What the model loaded with (a recipe's attn_implementation, else transformers' choice)
-                "attention": getattr(trainer.model.config, "_attn_implementation", None),
+                "attention": self.attention,
                 "chosen_by_hardware": {k: {"value": v, "why": why} for k, (v, why) in self.hardware.items()},
                 **process,
             },

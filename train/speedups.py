@@ -9,6 +9,10 @@
 - `keep_freed_memory`: glibc keeps freed memory for reuse (`train.hardware.keep_freed_memory`); `auto`: on CPU.
 - `fused_lora`: each LoRA linear layer as one autograd node (`train.fused_lora`); `auto`: on CPU, where PEFT's
   per-layer casts and small ops cost more than the rank-r matmuls.
+- `fused_rms_norm`: each RMSNorm as one autograd node with a hand-written backward (`train.fused_rms_norm`); `auto`:
+  on CPU, where the norms' many small ops and their fp32 intermediates cost more than their arithmetic.
+- `fused_attention`: a model running eager attention switches to the same attention as one autograd node, without
+  repeating key/value heads (`train.fused_attention`); `auto`: on CPU (eager is the CPU recipes' choice).
 - `bf16_base`: the frozen base weights loaded in bf16 when training runs under bf16 autocast (LoRA weights and
   optimizer state stay fp32); `auto` (the default): on CPU, where autocast would otherwise re-cast every weight in
   every op.
@@ -23,7 +27,8 @@ import logging
 logger = logging.getLogger(__name__)
 
 CHOICES = ("auto", "on", "off")
-NAMES = ("label_only_head", "shared_prompt", "unpadded_mlp", "keep_freed_memory", "fused_lora", "bf16_base")
+NAMES = ("label_only_head", "shared_prompt", "unpadded_mlp", "keep_freed_memory", "fused_lora", "fused_rms_norm",
+         "fused_attention", "bf16_base")
 
 
 class SpeedupError(ValueError):
@@ -95,6 +100,11 @@ def resolve(stage: str, script_args, training_args, model_args=None) -> dict[str
     fused = f"{device}: written for CPU autocast (PEFT's forward is the fast one there)" if device != "cpu" else None
     choices["fused_lora"] = _choose("fused_lora", asked["fused_lora"], fused,
                                     "cpu: one autograd node per LoRA layer, no input casts")
+    norm = f"{device}: written for CPU (the GPU's kernels are not the bottleneck there)" if device != "cpu" else None
+    choices["fused_rms_norm"] = _choose("fused_rms_norm", asked["fused_rms_norm"], norm,
+                                        "cpu: one autograd node per RMSNorm, no fp32 intermediates kept")
+    choices["fused_attention"] = _choose("fused_attention", asked["fused_attention"], norm,
+                                         "cpu: eager attention as one autograd node, no key/value repeats")
     base = None
     dtype = str(getattr(model_args, "dtype", "float32"))
     if not getattr(training_args, "bf16", False):
@@ -116,13 +126,16 @@ def base_dtype(choices: dict[str, Choice], model_args) -> str:
 
 
 def install(trainer, choices: dict[str, Choice]) -> list:
-    """Apply the chosen speed-ups to `trainer`'s models (policy and DPO's reference); the label-only heads installed.
+    """Apply the chosen speed-ups to `trainer`'s models (policy and DPO's reference). Returns the installed parts that
+    check themselves on the first batch (label-only heads, fused attention): `record` reads their `checks`.
 
     A model the label-only head cannot reproduce keeps TRL's head (`on`: SpeedupError).
     """
     from peft import PeftModel
 
+    from train import fused_attention
     from train.fused_lora import FusedLora
+    from train.fused_rms_norm import FusedRMSNorm
     from train.hardware import keep_freed_memory
     from train.label_only_head import LabelOnlyHead, model_problem
 
@@ -162,6 +175,29 @@ def install(trainer, choices: dict[str, Choice]) -> list:
             choices["fused_lora"] = Choice(choices["fused_lora"].asked, False, problem)
         else:
             choices["fused_lora"].why += f" ({fused.wrapped} layers)"
+    if choices["fused_rms_norm"].used:
+        norms = FusedRMSNorm(trainer.accelerator.unwrap_model(trainer.model))
+        if not norms.wrapped:
+            problem = "no RMSNorm it reproduces exactly" + "".join(f"; {k}: {v}" for k, v in norms.skipped.items())
+            if choices["fused_rms_norm"].asked == "on":
+                raise SpeedupError(f"fused_rms_norm: on, but {problem}. Set fused_rms_norm: auto or off")
+            choices["fused_rms_norm"] = Choice(choices["fused_rms_norm"].asked, False, problem)
+        else:
+            kept = "".join(f"; kept {k} ({v})" for k, v in norms.skipped.items())
+            choices["fused_rms_norm"].why += f" ({norms.wrapped} norms{kept})"
+    if choices["fused_attention"].used:
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        model = model.get_base_model() if isinstance(model, PeftModel) else model
+        problem = fused_attention.problem(model)
+        if problem is None:
+            try:
+                heads.append(fused_attention.FusedAttention(model))
+            except (ValueError, NotImplementedError) as error:  # a model that refuses registered attention functions
+                problem = f"the model refused it: {error}"
+        if problem:
+            if choices["fused_attention"].asked == "on":
+                raise SpeedupError(f"fused_attention: on, but {problem}. Set fused_attention: auto or off")
+            choices["fused_attention"] = Choice(choices["fused_attention"].asked, False, problem)
     return heads
 
 
