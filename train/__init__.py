@@ -15,7 +15,8 @@ kernel modules of `train/` and no others (tests/test_layers.py checks both):
 - `tracking`: W&B runs and artifacts for every stage.
 
 Everything else here (`sft`, `dpo`, `run`, `data`, `loss_mask`, `speedups`, `shared_prompt`, `unpadded_mlp`,
-`fused_lora`, `label_only_head`, `publish`) is training's own.
+`fused_lora`, `fused_attention`, `fused_rms_norm`, `label_only_head`, `token_log_probs`, `publish`, ...) is
+training's own.
 """
 
 KERNEL = ("assets", "contract", "chat_endpoint", "models", "tiny_model", "chat_template", "recipe", "hardware",
