@@ -431,6 +431,14 @@ def test_off_keeps_trls_forward(tiny_model_dir, tmp_path):
     assert not any(hasattr(m, "_own_forward") for m in trainer.model.modules())  # the models' own RMSNorm
 
 
+def test_fused_attention_on_stops_a_model_without_eager_attention(tiny_model_dir, tmp_path):
+    trainer = _sft_trainer(tiny_model_dir, tmp_path, gradient_checkpointing=False)  # the tiny model runs SDPA
+    with pytest.raises(speedups.SpeedupError, match="fused_attention: on, but the model runs sdpa attention"):
+        speedups.apply(trainer, keep_freed_memory="off", fused_attention="on")
+    choices, _ = speedups.apply(trainer, keep_freed_memory="off")
+    assert not choices["fused_attention"].used and "sdpa" in choices["fused_attention"].why
+
+
 def _lora_model(tiny_model_dir, **lora):
     from peft import get_peft_model
 

@@ -166,39 +166,40 @@ def install(trainer, choices: dict[str, Choice]) -> list:
         ).install())
     if choices["keep_freed_memory"].used and not keep_freed_memory():
         raise SpeedupError("keep_freed_memory: glibc refused the mallopt settings")
+    model = trainer.accelerator.unwrap_model(trainer.model)
     if choices["fused_lora"].used:
-        fused = FusedLora(trainer.accelerator.unwrap_model(trainer.model))
+        fused = FusedLora(model)
         if not fused.wrapped:
-            problem = "no LoRA layer it can take (dropout, DoRA or a quantized base keep PEFT's forward)"
-            if choices["fused_lora"].asked == "on":
-                raise SpeedupError(f"fused_lora: on, but {problem}. Set fused_lora: auto or off")
-            choices["fused_lora"] = Choice(choices["fused_lora"].asked, False, problem)
+            _cannot_apply(choices, "fused_lora",
+                          "no LoRA layer it can take (dropout, DoRA or a quantized base keep PEFT's forward)")
         else:
             choices["fused_lora"].why += f" ({fused.wrapped} layers)"
     if choices["fused_rms_norm"].used:
-        norms = FusedRMSNorm(trainer.accelerator.unwrap_model(trainer.model))
+        norms = FusedRMSNorm(model)
         if not norms.wrapped:
-            problem = "no RMSNorm it reproduces exactly" + "".join(f"; {k}: {v}" for k, v in norms.skipped.items())
-            if choices["fused_rms_norm"].asked == "on":
-                raise SpeedupError(f"fused_rms_norm: on, but {problem}. Set fused_rms_norm: auto or off")
-            choices["fused_rms_norm"] = Choice(choices["fused_rms_norm"].asked, False, problem)
+            _cannot_apply(choices, "fused_rms_norm", "no RMSNorm it reproduces exactly"
+                          + "".join(f"; {k}: {v}" for k, v in norms.skipped.items()))
         else:
             kept = "".join(f"; kept {k} ({v})" for k, v in norms.skipped.items())
             choices["fused_rms_norm"].why += f" ({norms.wrapped} norms{kept})"
     if choices["fused_attention"].used:
-        model = trainer.accelerator.unwrap_model(trainer.model)
-        model = model.get_base_model() if isinstance(model, PeftModel) else model
-        problem = fused_attention.problem(model)
+        base = model.get_base_model() if isinstance(model, PeftModel) else model
+        problem = fused_attention.problem(base)
         if problem is None:
             try:
-                heads.append(fused_attention.FusedAttention(model))
+                heads.append(fused_attention.FusedAttention(base))
             except (ValueError, NotImplementedError) as error:  # a model that refuses registered attention functions
                 problem = f"the model refused it: {error}"
         if problem:
-            if choices["fused_attention"].asked == "on":
-                raise SpeedupError(f"fused_attention: on, but {problem}. Set fused_attention: auto or off")
-            choices["fused_attention"] = Choice(choices["fused_attention"].asked, False, problem)
+            _cannot_apply(choices, "fused_attention", problem)
     return heads
+
+
+def _cannot_apply(choices: dict[str, Choice], name: str, problem: str):
+    """A speed-up found at install not to apply to this model: `on` stops the run, `auto` records why."""
+    if choices[name].asked == "on":
+        raise SpeedupError(f"{name}: on, but {problem}. Set {name}: auto or off")
+    choices[name] = Choice(choices[name].asked, False, problem)
 
 
 def record(choices: dict[str, Choice], heads=()) -> dict:
