@@ -317,6 +317,7 @@ def test_speedups_auto_on_off():
                          fused_attention="off")) == {"label_only_head", "shared_prompt"}
     checkpointing = _resolve("dpo", checkpointing=True)
     assert not checkpointing["shared_prompt"].used and "gradient_checkpointing" in checkpointing["unpadded_mlp"].why
+    assert "gradient_checkpointing" in checkpointing["fused_attention"].why
     gpu = _resolve("dpo", device="cuda")
     assert used(gpu) == set() and "cuda" in gpu["label_only_head"].why and "cuda" in gpu["keep_freed_memory"].why
     assert all("cuda" in gpu[name].why for name in ("fused_lora", "fused_rms_norm", "fused_attention"))

@@ -75,7 +75,9 @@ def _assert_same_training(before, after, tol):
 
 # fp32: the same math in another order; bf16 (base in bf16 under autocast, as CPU training runs): the gradients
 # of the layers' own bf16 ops are themselves this far from fp32's
-CASES = [(torch.float32, False, 1e-5), (torch.bfloat16, True, 5e-2)]
+# and an fp32 base under bf16 autocast (bf16_base off), where queries and keys come out of the rotary embedding in
+# fp32 and values in bf16
+CASES = [(torch.float32, False, 1e-5), (torch.bfloat16, True, 5e-2), (torch.float32, True, 5e-2)]
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "phi3"])
@@ -167,3 +169,16 @@ def test_fused_attention_only_replaces_eager():
     config_class, model_class, extra = ARCHITECTURES["llama"]
     model = model_class(config_class(**SHAPE, attn_implementation="sdpa"))
     assert "sdpa" in fused_attention.problem(model)
+
+
+def test_fused_attention_leaves_tensor_valued_sinks_to_eager():
+    model = _model("llama").get_base_model()
+    FusedAttention(model)
+    module = model.model.layers[0].self_attn
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(1, 4, 5, 16, generator=generator, requires_grad=True)
+    key, value = torch.randn(1, 2, 5, 16, generator=generator), torch.randn(1, 2, 5, 16, generator=generator)
+    sinks = torch.zeros(4)  # gpt-oss passes its per-head sinks as `s_aux`: eager's own function decides
+    out, _ = fused_attention.attention(module, query, key, value, None, scaling=0.25, s_aux=sinks)
+    expected, _ = fused_attention.own_eager(module)(module, query, key, value, None, scaling=0.25)
+    assert torch.equal(out, expected) and fused_attention.checks == {}

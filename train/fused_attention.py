@@ -21,6 +21,8 @@ import logging
 
 import torch
 
+from train.token_log_probs import compute_dtype
+
 logger = logging.getLogger(__name__)
 
 NAME = "eager_fused_cpu"
@@ -31,31 +33,39 @@ _SEMANTIC_KWARGS = ("softcap", "s_aux", "sinks", "output_attentions")  # eager a
 class _Attention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, key, value, mask, scaling):
+        # The matmuls in the compute dtype, as autocast runs eager's (a base in fp32 under bf16 autocast gives fp32
+        # queries and keys from the rotary embedding and bf16 values)
+        dtype = compute_dtype(query)
         b, heads, s, d = query.shape
         kv_heads, t = key.shape[1], key.shape[2]
         group = heads // kv_heads
-        q = query.reshape(b, kv_heads, group * s, d)  # query heads j*group .. j*group+group-1 share key/value head j
-        scores = (q @ key.transpose(2, 3)) * scaling
-        if mask is not None:
-            scores = (scores.view(b, kv_heads, group, s, t) + mask[:, :, None]).view(b, kv_heads, group * s, t)
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-        out = probs @ value  # [b, kv_heads, group * s, dv]
-        ctx.save_for_backward(q, key, value, probs)
+        with torch.autocast(query.device.type, enabled=False):
+            # query heads j*group .. j*group+group-1 share key/value head j
+            q, k, v = query.reshape(b, kv_heads, group * s, d).to(dtype), key.to(dtype), value.to(dtype)
+            scores = (q @ k.transpose(2, 3)) * scaling
+            if mask is not None:
+                scores = (scores.view(b, kv_heads, group, s, t) + mask[:, :, None]).view(b, kv_heads, group * s, t)
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
+            out = probs @ v  # [b, kv_heads, group * s, dv]
+        ctx.save_for_backward(q, k, v, probs)
         ctx.scaling, ctx.query_shape = scaling, query.shape
+        ctx.dtypes = query.dtype, key.dtype, value.dtype
         return out.view(b, heads, s, -1).transpose(1, 2).contiguous()
 
     @staticmethod
     def backward(ctx, grad):
         q, key, value, probs = ctx.saved_tensors
         b, heads, s, d = ctx.query_shape
-        grad = grad.transpose(1, 2).reshape(b, key.shape[1], -1, value.shape[-1]).to(value.dtype)
-        d_value = probs.transpose(2, 3) @ grad
-        d_probs = (grad @ value.transpose(2, 3)).float()
-        d_scores = torch._softmax_backward_data(d_probs, probs.float(), -1, torch.float32)
-        d_scores = (d_scores * ctx.scaling).to(q.dtype)
-        d_query = (d_scores @ key).view(b, heads, s, d)
-        d_key = d_scores.transpose(2, 3) @ q
-        return d_query, d_key, d_value, None, None
+        with torch.autocast(grad.device.type, enabled=False):
+            grad = grad.transpose(1, 2).reshape(b, key.shape[1], -1, value.shape[-1]).to(value.dtype)
+            d_value = probs.transpose(2, 3) @ grad
+            d_probs = (grad @ value.transpose(2, 3)).float()
+            d_scores = torch._softmax_backward_data(d_probs, probs.float(), -1, torch.float32)
+            d_scores = (d_scores * ctx.scaling).to(q.dtype)
+            d_query = (d_scores @ key).view(b, heads, s, d)
+            d_key = d_scores.transpose(2, 3) @ q
+        query_dtype, key_dtype, value_dtype = ctx.dtypes
+        return d_query.to(query_dtype), d_key.to(key_dtype), d_value.to(value_dtype), None, None
 
 
 def own_eager(module):
@@ -66,7 +76,7 @@ def own_eager(module):
 def _why_own(module, query, key, mask, dropout, kwargs) -> str | None:
     if dropout:
         return "dropout"
-    if any(kwargs.get(name) for name in _SEMANTIC_KWARGS):
+    if any(kwargs.get(name) is not None and kwargs.get(name) is not False for name in _SEMANTIC_KWARGS):
         return "soft-capping, sinks or attention weights"
     if not (torch.is_grad_enabled() and query.requires_grad):
         return "no gradient"
@@ -129,6 +139,8 @@ class FusedAttention:
         AttentionInterface.register(NAME, attention)
         AttentionMaskInterface.register(NAME, eager_mask)
         model.set_attn_implementation(NAME)
+        if model.config._attn_implementation != NAME:  # transformers declines some classes with a warning only
+            raise ValueError(f"{type(model).__name__} kept {model.config._attn_implementation} attention")
 
     @property
     def checks(self) -> dict[str, str]:

@@ -103,7 +103,10 @@ def resolve(stage: str, script_args, training_args, model_args=None) -> dict[str
     norm = f"{device}: written for CPU (the GPU's kernels are not the bottleneck there)" if device != "cpu" else None
     choices["fused_rms_norm"] = _choose("fused_rms_norm", asked["fused_rms_norm"], norm,
                                         "cpu: one autograd node per RMSNorm, no fp32 intermediates kept")
-    choices["fused_attention"] = _choose("fused_attention", asked["fused_attention"], norm,
+    # Under checkpointing a first call whose check fails saves other tensors than its recomputation
+    attention = norm or ("gradient_checkpointing is on (the recomputation must repeat the first call's check)"
+                         if checkpointing else None)
+    choices["fused_attention"] = _choose("fused_attention", asked["fused_attention"], attention,
                                          "cpu: eager attention as one autograd node, no key/value repeats")
     base = None
     dtype = str(getattr(model_args, "dtype", "float32"))
