@@ -226,7 +226,7 @@ def worker(stage: str, variant: str, steps: int, batch_size: int, lora_dropout: 
                    shared_prompt="auto" if chosen["shared_prompt"] else "off",
                    unpadded_mlp="auto" if chosen["unpad"] else "off", keep_freed_memory="off",
                    fused_lora="on" if chosen["fused"] else "off", fused_rms_norm="on" if chosen["norm"] else "off",
-                   fused_attention=("on" if chosen["attn"] == "eager" else "off") if chosen["fused_attn"] else "off")
+                   fused_attention="on" if chosen["fused_attn"] and chosen["attn"] == "eager" else "off")
     if chosen["malloc"] and not keep_freed_memory(trainer.args.device):
         raise RuntimeError("could not set glibc's malloc thresholds")
 

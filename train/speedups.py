@@ -100,11 +100,11 @@ def resolve(stage: str, script_args, training_args, model_args=None) -> dict[str
     fused = f"{device}: written for CPU autocast (PEFT's forward is the fast one there)" if device != "cpu" else None
     choices["fused_lora"] = _choose("fused_lora", asked["fused_lora"], fused,
                                     "cpu: one autograd node per LoRA layer, no input casts")
-    norm = f"{device}: written for CPU (the GPU's kernels are not the bottleneck there)" if device != "cpu" else None
-    choices["fused_rms_norm"] = _choose("fused_rms_norm", asked["fused_rms_norm"], norm,
+    not_cpu = f"{device}: written for CPU (the GPU's kernels are not the bottleneck there)" if device != "cpu" else None
+    choices["fused_rms_norm"] = _choose("fused_rms_norm", asked["fused_rms_norm"], not_cpu,
                                         "cpu: one autograd node per RMSNorm, no fp32 intermediates kept")
     # Under checkpointing a first call whose check fails saves other tensors than its recomputation
-    attention = norm or ("gradient_checkpointing is on (the recomputation must repeat the first call's check)"
+    attention = not_cpu or ("gradient_checkpointing is on (the recomputation must repeat the first call's check)"
                          if checkpointing else None)
     choices["fused_attention"] = _choose("fused_attention", asked["fused_attention"], attention,
                                          "cpu: eager attention as one autograd node, no key/value repeats")
