@@ -171,6 +171,15 @@ def test_fused_attention_only_replaces_eager():
     assert "sdpa" in fused_attention.problem(model)
 
 
+def test_fused_attention_stays_off_when_the_config_asks_for_attention_weights():
+    config_class, model_class, extra = ARCHITECTURES["llama"]
+    model = model_class(config_class(**SHAPE, attn_implementation="eager", output_attentions=True))
+    ids, mask = _batch()
+    assert model(ids, attention_mask=mask).attentions[0].shape == (3, 4, 13, 13)  # eager returns them
+    # switched, transformers would return none: the speed-up must decline instead
+    assert "output_attentions" in fused_attention.problem(model)
+
+
 def test_fused_attention_leaves_tensor_valued_sinks_to_eager():
     model = _model("llama").get_base_model()
     FusedAttention(model)

@@ -118,6 +118,9 @@ def problem(model) -> str | None:
     implementation = getattr(model.config, "_attn_implementation", None)
     if implementation != "eager":
         return f"the model runs {implementation} attention (this replaces eager only)"
+    if getattr(model.config, "output_attentions", False):
+        # transformers returns the weights a config asks for only under eager itself: switched, they would vanish
+        return "the model's config asks for attention weights (output_attentions)"
     modules = [m for m in model.modules() if type(m).__name__.endswith("Attention") and hasattr(m, "config")]
     if not modules:
         return "no attention modules found"
