@@ -217,7 +217,12 @@ def generation_suite(variants, cfg, specs: dict | None = None) -> dict:
         from eval.judge_validity import heldout_pairs, judge_validity, make_judge
         from eval.offline_judges import Encoder
 
-        encoder = Encoder()
+        import torch
+
+        from train.hardware import cpu_supports_bf16
+
+        # The encoder runs on the CPU: bf16 where that CPU runs it natively, unless the eval asks for float32
+        encoder = Encoder(dtype=torch.bfloat16 if cfg.dtype != "float32" and cpu_supports_bf16() else torch.float32)
         judge = make_judge(cfg.judge, encoder, cfg.dataset_path, cfg.seed)
         pairs, note = heldout_pairs(cfg.dataset_path)
         out["validity"] = judge_validity(judge, pairs, encoder, cfg.bootstrap_samples, cfg.seed, note)
@@ -230,7 +235,9 @@ def generation_suite(variants, cfg, specs: dict | None = None) -> dict:
         out["description"] = (f"Greedy answers ({cfg.max_new_tokens} new tokens) to held-out prompts, judged offline by "
                               f"{how}. Coherent = not empty or repetitive, and on topic: mean similarity to the prompt and "
                               f"to the closer reference answer >= {RELEVANCE_THRESHOLD}. Scores among coherent answers, "
-                              "and only for traits where the judge passed its validity check above.")
+                              "and only for traits where the judge passed its validity check above. MiniLM ran in "
+                              f"{'bf16 autocast' if encoder.dtype == torch.bfloat16 else 'fp32'}.")
+        out["encoder_dtype"] = str(encoder.dtype).replace("torch.", "")
         threshold = judge.threshold
     elif cfg.judge == "llm":
         from eval.trait_specs import dataset_traits, load_specs, rubrics

@@ -16,25 +16,38 @@ rejected} and a `threshold`.
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 MIN_TRAIN_PAIRS = 10  # fewer train pairs than this for a trait: no classifier for it (its items are unscored)
 
 
-class Encoder:
-    """Unit-norm MiniLM embeddings, cached by text (validity and judging embed the same references)."""
+# Texts per encoder batch: sentence-transformers sorts texts by length, so smaller batches pad less (16 ran 1.2x
+# faster than 64 in fp32 on the quickstart's answers, same embeddings to 2e-7)
+BATCH_SIZE = 16
 
-    def __init__(self, model_dir: str | None = None):
+
+class Encoder:
+    """Unit-norm MiniLM embeddings, cached by text (validity and judging embed the same references).
+
+    `dtype` bfloat16 runs the encoder under bf16 autocast (LayerNorm and softmax stay fp32): 2.7x faster on a CPU
+    with native bf16, embeddings within cosine 0.99997 of fp32's (README "Eval on a CPU with AVX512-BF16")."""
+
+    def __init__(self, model_dir: str | None = None, dtype: torch.dtype = torch.float32):
         from train.assets import load_minilm
 
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"Encoder: dtype must be float32 or bfloat16, got {dtype}")
         self.model = load_minilm(model_dir=model_dir)
+        self.dtype = dtype
         self.cache: dict[str, np.ndarray] = {}
 
     def __call__(self, texts: list[str]) -> np.ndarray:
         texts = [t or " " for t in texts]
         new = list(dict.fromkeys(t for t in texts if t not in self.cache))
         if new:
-            emb = self.model.encode(new, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
-            self.cache.update(zip(new, emb))
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16):
+                emb = self.model.encode(new, batch_size=BATCH_SIZE, normalize_embeddings=True, convert_to_numpy=True)
+            self.cache.update(zip(new, emb.astype(np.float32)))
         return np.stack([self.cache[t] for t in texts]) if texts else np.zeros((0, 384), dtype=np.float32)
 
 

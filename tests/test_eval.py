@@ -65,6 +65,10 @@ def test_end_to_end_report(tiny_model_dir, eval_setup, tmp_path, monkeypatch):
     assert len(on_disk["generation"]["samples"]) == 27
     assert not on_disk["generation"]["validity"]["valid"] and gen[("dpo", "care")]["trait_score"] is None
     assert "INVALID" in (tmp_path / "out" / "report.md").read_text()
+    from train.hardware import cpu_supports_bf16
+
+    # dtype auto: the judge's encoder in bf16 exactly where the CPU runs it natively, and the report says which
+    assert on_disk["generation"]["encoder_dtype"] == ("bfloat16" if cpu_supports_bf16() else "float32")
     assert list(tmp_path.glob("wandb/offline-run-*")), "W&B offline run not written"
 
 

@@ -129,6 +129,25 @@ def test_validity_check_catches_a_topicality_judge_and_passes_the_classifier(gen
         assert set(rec["accuracy_by_mode"]) == set(load_trait_spec(BUILTIN_DIR / f"{t}.yaml").failure_modes)
 
 
+def test_encoder_in_bf16_gives_fp32_embeddings_within_rounding_and_the_same_validity(generated):
+    import torch
+
+    from eval.judge_validity import heldout_pairs, judge_validity, make_judge
+    from eval.offline_judges import Encoder
+
+    rows, _ = heldout_pairs(str(generated))
+    texts = [r["chosen"][-1]["content"] for r in rows[:40]] + [r["prompt"][-1]["content"] for r in rows[:40]]
+    fp32, bf16 = Encoder(), Encoder(dtype=torch.bfloat16)
+    a, b = fp32(texts), bf16(texts)
+    assert b.dtype == np.float32 and not np.array_equal(a, b)  # autocast ran
+    assert (a * b).sum(-1).min() > 0.9999
+    verdicts = [{t: rec["valid"] for t, rec in judge_validity(make_judge("classifier", enc, str(generated)), rows, enc,
+                                                              200, 0)["traits"].items()} for enc in (fp32, bf16)]
+    assert verdicts[0] == verdicts[1]
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        Encoder(dtype=torch.float16)
+
+
 def test_similarity_judge_never_sees_the_pair_it_judges(generated):
     from eval.judge_validity import heldout_pairs, validity_items
     from eval.offline_judges import Encoder
