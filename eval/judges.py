@@ -214,11 +214,10 @@ def generation_suite(variants, cfg, specs: dict | None = None) -> dict:
         out["generation_failures"] = gen_failures
     valid = None
     if cfg.judge in ("classifier", "similarity"):
-        from eval.judge_validity import heldout_pairs, judge_validity, make_judge
-        from eval.offline_judges import Encoder
-
         import torch
 
+        from eval.judge_validity import heldout_pairs, judge_validity, make_judge
+        from eval.offline_judges import Encoder
         from train.hardware import cpu_supports_bf16
 
         # The encoder runs on the CPU: bf16 where that CPU runs it natively, unless the eval asks for float32

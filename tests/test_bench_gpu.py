@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import bench_gpu  # noqa: E402
+import bench_gpu
 
 
 def test_rehearsal_trains_each_setting_and_reports_mfu(capsys, monkeypatch):
