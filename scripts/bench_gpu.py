@@ -101,7 +101,8 @@ def worker(setting: str, shape: str, steps: int, batch_size: int, max_length: in
                                                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                                  pad_token_id=tokenizer.pad_token_id, attn_implementation=attention)
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).to(device)
+    with torch.device(device):  # initialised where it trains: a 1.5B model's random init on the CPU takes minutes
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))  # incl. the LM head
     args = SFTConfig(output_dir=f"/tmp/bench_gpu/{setting}", max_steps=steps, per_device_train_batch_size=batch_size,
                      max_length=max_length, assistant_only_loss=True, learning_rate=2e-4, bf16=not rehearsal,
