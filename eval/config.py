@@ -26,7 +26,8 @@ class EvalConfig:
     dtype: str = field(default="auto", metadata={
         "help": "'float32', 'bfloat16' or 'auto': bfloat16 where the hardware runs it natively (a CUDA GPU that "
                 "supports it, a CPU with AVX512-BF16 or AMX), else float32. bf16 log-probs are rounder than fp32; "
-                "set float32 for exact ones."})
+                "set float32 for exact ones. The offline judge's encoder (on the CPU) runs in bf16 unless this is "
+                "float32 or the CPU lacks native bf16."})
     device: str = field(default="auto", metadata={
         "help": "'auto' (the first CUDA GPU when there is one, else the CPU), 'cpu', 'cuda' or 'cuda:N'."})
 
