@@ -6,17 +6,24 @@
 
 Random weights of a real model's shape (no Hub access needed; the figures are speed and memory, the losses mean
 nothing), SmolLM2's tokenizer with the training chat template, synthetic chats of 150-450 tokens, LoRA r=32
-all-linear and a batch of 16 as in recipes/qwen2.5-1.5b-instruct/sft_lora.yaml. Settings, cumulative from "recipe":
-  plain TRL      SFTConfig's defaults (gradient checkpointing as TRL sets it), SDPA, padded batches
-  recipe         the GPU recipe: no gradient checkpointing
-  + packing      packing=True (best-fit decreasing, padding-free rows of max_length tokens)
-  + Liger        use_liger_kernel=True (needs liger-kernel: pip install -e '.[gpu]')
-  + flash-attn   attn_implementation flash_attention_2 (needs the flash-attn package)
-Each runs in its own subprocess; settings whose package is missing are listed as skipped.
+all-linear and a batch of 16 as in recipes/qwen2.5-1.5b-instruct/sft_lora.yaml. Settings:
+  plain TRL                      SFTConfig's defaults (gradient checkpointing as TRL sets it), SDPA, padded batches
+  recipe                         the GPU recipe: no gradient checkpointing
+  + Liger                        the recipe with use_liger_kernel=True (needs liger-kernel: pip install -e '.[gpu]')
+  + packing                      the recipe with packing=True (best-fit decreasing): TRL flattens the batch into one
+                                 padding-free row, and SDPA then runs it under a block-diagonal mask, computing the
+                                 masked-out blocks too (flash attention is what padding-free is meant for)
+  + packing + flash-attn         the same with attn_implementation flash_attention_2 (needs flash-attn): each
+                                 conversation attends only to itself, no padding anywhere
+  + packing + flash-attn + Liger both (needs both packages)
+Packed settings take as many rows of max_length tokens as hold the recipe's batch (16 conversations' tokens), so
+every setting trains about the same tokens a step. Each runs in its own subprocess; settings whose package is
+missing are listed as skipped, a failed or timed-out one is reported and the rest still run.
 MFU = trained (non-padding) tokens/s x 4N / peak: N counts the linear layers and the LM head (LoRA: the forward is
-2N a token and the activation gradients 2N; frozen weights get no weight gradient; attention's own FLOPs are not
-counted, so MFU is a lower bound), peak = this GPU's bf16 matmul rate measured here (8192^3) and, where the GPU's dense
-bf16 figure is known, that figure.
+2N a token and the activation gradients 2N; frozen weights get no weight gradient). Not counted: attention's own
+FLOPs and the LoRA matmuls; counted though not run: the LM head on unlabelled tokens (TRL's fused head projects the
+labelled ones only). Peak = this GPU's bf16 matmul rate measured here (8192^3) and, where the GPU's dense bf16 figure
+is known, that figure.
 """
 
 import argparse
@@ -40,15 +47,19 @@ SHAPES = {  # config fields of the real models (their Hub config.json), random w
     "tiny": ("LlamaConfig", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                  num_key_value_heads=2, vocab_size=49152, tie_word_embeddings=True)),
 }
-SETTINGS = {  # name -> (SFTConfig fields, attention implementation, package it needs)
-    "plain TRL": ({}, "sdpa", None),
-    "recipe": ({"gradient_checkpointing": False}, "sdpa", None),
-    "+ packing": ({"gradient_checkpointing": False, "packing": True}, "sdpa", None),
-    "+ Liger": ({"gradient_checkpointing": False, "packing": True, "use_liger_kernel": True}, "sdpa", "liger_kernel"),
-    "+ flash-attn": ({"gradient_checkpointing": False, "packing": True, "use_liger_kernel": True},
-                     "flash_attention_2", "flash_attn"),
+NO_CHECKPOINTING = {"gradient_checkpointing": False}
+PACKING = {"gradient_checkpointing": False, "packing": True}
+SETTINGS = {  # name -> (SFTConfig fields, attention implementation, packages it needs)
+    "plain TRL": ({}, "sdpa", ()),
+    "recipe": (NO_CHECKPOINTING, "sdpa", ()),
+    "+ Liger": ({**NO_CHECKPOINTING, "use_liger_kernel": True}, "sdpa", ("liger_kernel",)),
+    "+ packing": (PACKING, "sdpa", ()),
+    "+ packing + flash-attn": (PACKING, "flash_attention_2", ("flash_attn",)),
+    "+ packing + flash-attn + Liger": ({**PACKING, "use_liger_kernel": True}, "flash_attention_2",
+                                     ("flash_attn", "liger_kernel")),
 }
-DENSE_BF16_TFLOPS = {"H100": 989, "H200": 989, "A100": 312, "L4": 121, "A10": 125}  # NVIDIA's dense figures
+# NVIDIA's dense bf16 TFLOP/s by device name, first match wins (the PCIe and NVL H100s run slower than the SXM)
+DENSE_BF16_TFLOPS = (("H100 PCIe", 756), ("H100 NVL", 835), ("H100", 989), ("H200", 989), ("A100", 312))
 WORDS = ("care honest calm answer question help people model truth kindness patience because when about think know "
          "feel world work time way system user request reply share explain careful clear steady accept reduce").split()
 
@@ -104,12 +115,18 @@ def worker(setting: str, shape: str, steps: int, batch_size: int, max_length: in
     with torch.device(device):  # initialised where it trains: a 1.5B model's random init on the CPU takes minutes
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))  # incl. the LM head
-    args = SFTConfig(output_dir=f"/tmp/bench_gpu/{setting}", max_steps=steps, per_device_train_batch_size=batch_size,
+    rows = batch_size
+    if fields.get("packing"):  # as many full rows as hold `batch_size` conversations' tokens
+        sample = synthetic_chats(64, 1)
+        texts = [tokenizer.apply_chat_template(c["messages"], tokenize=False) for c in sample]
+        mean = sum(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]) / len(sample)
+        rows = max(1, round(batch_size * min(mean, max_length) / max_length))
+    args = SFTConfig(output_dir=f"/tmp/bench_gpu/{setting}", max_steps=steps, per_device_train_batch_size=rows,
                      max_length=max_length, assistant_only_loss=True, learning_rate=2e-4, bf16=not rehearsal,
                      use_cpu=rehearsal, report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True,
                      seed=0, **fields)
-    per_step = batch_size * (max(1, max_length // 100) if args.packing else 1)  # enough chats to fill packed rows
-    data = datasets.Dataset.from_list(synthetic_chats(per_step * (steps + 2), 0))
+    # enough conversations for every step (a packed row holds several)
+    data = datasets.Dataset.from_list(synthetic_chats(batch_size * 2 * (steps + 2), 0))
     lora = LoraConfig(r=32, lora_alpha=64, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, peft_config=lora)
 
@@ -127,10 +144,10 @@ def worker(setting: str, shape: str, steps: int, batch_size: int, max_length: in
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
     t, tok = StepTimes.times, StepTimes.tokens
-    warm = min(2, len(t) - 2)  # the first steps compile kernels and fill caches
-    tokens_per_s = (tok[-1] - tok[warm]) / (t[-1] - t[warm])
+    # timed from the end of step 2: the first steps compile kernels and fill caches
+    tokens_per_s = (tok[-1] - tok[1]) / (t[-1] - t[1])
     return {"setting": setting, "tokens_per_s": tokens_per_s, "tflops": tokens_per_s * 4 * linear / 1e12,
-            "tokens_per_step": (tok[-1] - tok[warm]) / (len(t) - 1 - warm), "linear_params": linear,
+            "rows": rows, "tokens_per_step": (tok[-1] - tok[1]) / (len(t) - 2), "linear_params": linear,
             "gradient_checkpointing": bool(trainer.args.gradient_checkpointing),
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan"),
             "losses": [round(h["loss"], 4) for h in trainer.state.log_history if "loss" in h]}
@@ -141,11 +158,11 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=[s for s in SHAPES if s != "tiny"], default="qwen2.5-1.5b")
     parser.add_argument("--steps", type=int, default=12, help="Optimizer steps per setting; the first 2 are not timed.")
-    parser.add_argument("--batch-size", type=int, default=16, help="Rows per step (packed rows with packing).")
+    parser.add_argument("--batch-size", type=int, default=16, help="Conversations per step; packed settings take as many full rows as hold their tokens.")
     parser.add_argument("--max-length", type=int, default=1024)
     parser.add_argument("--settings", help="Comma-separated settings (default: all this machine can run).")
     parser.add_argument("--rehearsal", action="store_true", help="Run on the CPU in fp32 with a tiny shape.")
-    parser.add_argument("--timeout", type=int, default=900, help="Seconds before one setting is abandoned.")
+    parser.add_argument("--timeout", type=int, default=300, help="Seconds before one setting is abandoned.")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.steps < 4:
@@ -166,19 +183,25 @@ def main(argv=None):
     device = "cpu" if args.rehearsal else "cuda"
     gpu = torch.cuda.get_device_name(0) if device == "cuda" else "CPU (rehearsal)"
     measured = matmul_tflops(device, torch.float32 if args.rehearsal else torch.bfloat16)
-    spec = next((v for k, v in DENSE_BF16_TFLOPS.items() if k in gpu), None)
+    spec = next((v for k, v in DENSE_BF16_TFLOPS if k in gpu), None)
     print(f"{gpu}: matmul {measured:.1f} TFLOP/s measured" + (f", {spec} TFLOP/s dense bf16 spec" if spec else "")
-          + f"; shape {shape}, {args.steps} steps x {args.batch_size} rows of up to {args.max_length} tokens")
+          + f"; shape {shape}, {args.steps} steps of {args.batch_size} conversations, max_length {args.max_length}")
     rows = []
     for name in names:
-        package = SETTINGS[name][2]
-        if package and importlib.util.find_spec(package) is None:
-            print(f"  {name}: skipped ({package} not installed)")
+        missing = [p for p in SETTINGS[name][2] if importlib.util.find_spec(p) is None]
+        if missing:
+            print(f"  {name}: skipped ({', '.join(missing)} not installed)")
             continue
         cmd = [sys.executable, __file__, "--worker", name, "--steps", str(args.steps), "--batch-size",
                str(args.batch_size), "--max-length", str(args.max_length)] + (["--rehearsal"] if args.rehearsal else [])
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=REPO,
-                              env={**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled"})
+        # the caller's PYTHONPATH kept: gpu_check.sh installs wheels there on machines without network
+        path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=REPO,
+                                  env={**os.environ, "PYTHONPATH": path, "WANDB_MODE": "disabled"})
+        except subprocess.TimeoutExpired:
+            print(f"  {name}: timed out after {args.timeout} s")
+            continue
         lines = [line for line in proc.stdout.splitlines() if line.startswith("BENCH ")]
         if proc.returncode or not lines:
             print(f"  {name}: FAILED (exit {proc.returncode})\n" + proc.stderr[-2000:])
@@ -188,12 +211,12 @@ def main(argv=None):
     if not rows:
         sys.exit("no setting ran")
     plain = rows[0]["tokens_per_s"] if rows[0]["setting"] == "plain TRL" else None
-    print(f"\n| setting | tokens/s | vs plain | tokens/step | TFLOP/s (4N) | MFU vs measured {measured:.3g} "
+    print(f"\n| setting | tokens/s | vs plain | rows, tokens a step | TFLOP/s (4N) | MFU vs measured {measured:.3g} "
           + (f"| MFU vs spec {spec} " if spec else "") + "| peak GPU GiB | losses |")
     print("|---|---|---|---|---|---|" + ("---|" if spec else "") + "---|---|")
     for r in rows:
         ratio = f"{r['tokens_per_s'] / plain:.2f}x" if plain else "-"
-        print(f"| {r['setting']} | {r['tokens_per_s']:,.0f} | {ratio} | {r['tokens_per_step']:,.0f} | {r['tflops']:.3g} "
+        print(f"| {r['setting']} | {r['tokens_per_s']:,.0f} | {ratio} | {r['rows']}, {r['tokens_per_step']:,.0f} | {r['tflops']:.3g} "
               f"| {r['tflops'] / measured:.0%} " + (f"| {r['tflops'] / spec:.0%} " if spec else "")
               + f"| {r['peak_gib']:.2f} | {' '.join(map(str, r['losses'][:3]))} ... {r['losses'][-1]} |")
 

@@ -193,7 +193,7 @@ fi
 # MFU of the GPU recipe's LoRA SFT on a 1B+ shape: plain TRL, the recipe, packing, Liger, flash attention
 echo "== MFU: LoRA SFT on Qwen2.5-1.5B's shape (scripts/bench_gpu.py)"
 BENCH=(--steps "${MFU_STEPS:-12}"); [[ "${REHEARSAL:-0}" == 1 ]] && BENCH=(--rehearsal --steps 4 --batch-size 2)
-timeout 900 "$PY" scripts/bench_gpu.py "${BENCH[@]}" 2>&1 | tee "$OUT/bench_gpu.log" | grep -v "^\s*$" | sed 's/^/   /'
+timeout 1200 "$PY" scripts/bench_gpu.py "${BENCH[@]}" 2>&1 | tee "$OUT/bench_gpu.log" | grep -v "^\s*$" | sed 's/^/   /'
 
 echo "== done: ${#DONE[@]} run(s) succeeded; logs in $OUT"
 [[ ${#DONE[@]} -ge 2 && $VLLM_OK == 1 ]]
