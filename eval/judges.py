@@ -217,11 +217,9 @@ def generation_suite(variants, cfg, specs: dict | None = None) -> dict:
         import torch
 
         from eval.judge_validity import heldout_pairs, judge_validity, make_judge
-        from eval.offline_judges import Encoder
-        from train.hardware import cpu_supports_bf16
+        from eval.offline_judges import Encoder, encoder_dtype
 
-        # The encoder runs on the CPU: bf16 where that CPU runs it natively, unless the eval asks for float32
-        encoder = Encoder(dtype=torch.bfloat16 if cfg.dtype != "float32" and cpu_supports_bf16() else torch.float32)
+        encoder = Encoder(dtype=encoder_dtype(cfg.dtype))
         judge = make_judge(cfg.judge, encoder, cfg.dataset_path, cfg.seed)
         pairs, note = heldout_pairs(cfg.dataset_path)
         out["validity"] = judge_validity(judge, pairs, encoder, cfg.bootstrap_samples, cfg.seed, note)

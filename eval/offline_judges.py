@@ -26,6 +26,14 @@ MIN_TRAIN_PAIRS = 10  # fewer train pairs than this for a trait: no classifier f
 BATCH_SIZE = 16
 
 
+def encoder_dtype(eval_dtype: str, cpu_flags: set[str] | None = None) -> torch.dtype:
+    """The encoder's precision for an eval run in `eval_dtype`: bf16 where the CPU runs it natively (the encoder stays
+    on the CPU whatever device the eval uses), unless the eval asks for float32. `cpu_flags`: for tests."""
+    from train.hardware import cpu_supports_bf16
+
+    return torch.bfloat16 if eval_dtype != "float32" and cpu_supports_bf16(cpu_flags) else torch.float32
+
+
 class Encoder:
     """Unit-norm MiniLM embeddings, cached by text (validity and judging embed the same references).
 

@@ -148,6 +148,17 @@ def test_encoder_in_bf16_gives_fp32_embeddings_within_rounding_and_the_same_vali
         Encoder(dtype=torch.float16)
 
 
+def test_encoder_precision_follows_the_eval_dtype_and_the_cpu():
+    import torch
+
+    from eval.offline_judges import encoder_dtype
+
+    native, emulated = {"avx512f", "avx512_bf16"}, {"avx512f", "avx2"}
+    assert encoder_dtype("auto", native) == torch.bfloat16 and encoder_dtype("bfloat16", {"amx_bf16"}) == torch.bfloat16
+    assert encoder_dtype("float32", native) == torch.float32  # asked for exact scores
+    assert encoder_dtype("auto", emulated) == encoder_dtype("bfloat16", emulated) == torch.float32  # bf16 slower there
+
+
 def test_similarity_judge_never_sees_the_pair_it_judges(generated):
     from eval.judge_validity import heldout_pairs, validity_items
     from eval.offline_judges import Encoder
