@@ -214,12 +214,11 @@ def generation_suite(variants, cfg, specs: dict | None = None) -> dict:
         out["generation_failures"] = gen_failures
     valid = None
     if cfg.judge in ("classifier", "similarity"):
-        import torch
-
         from eval.judge_validity import heldout_pairs, judge_validity, make_judge
         from eval.offline_judges import Encoder, encoder_dtype
 
         encoder = Encoder(dtype=encoder_dtype(cfg.dtype))
+        out["encoder_dtype"] = str(encoder.dtype).removeprefix("torch.")
         judge = make_judge(cfg.judge, encoder, cfg.dataset_path, cfg.seed)
         pairs, note = heldout_pairs(cfg.dataset_path)
         out["validity"] = judge_validity(judge, pairs, encoder, cfg.bootstrap_samples, cfg.seed, note)
@@ -233,8 +232,7 @@ def generation_suite(variants, cfg, specs: dict | None = None) -> dict:
                               f"{how}. Coherent = not empty or repetitive, and on topic: mean similarity to the prompt and "
                               f"to the closer reference answer >= {RELEVANCE_THRESHOLD}. Scores among coherent answers, "
                               "and only for traits where the judge passed its validity check above. MiniLM ran in "
-                              f"{'bf16 autocast' if encoder.dtype == torch.bfloat16 else 'fp32'}.")
-        out["encoder_dtype"] = str(encoder.dtype).replace("torch.", "")
+                              f"{'bf16 autocast' if out['encoder_dtype'] == 'bfloat16' else 'fp32'}.")
         threshold = judge.threshold
     elif cfg.judge == "llm":
         from eval.trait_specs import dataset_traits, load_specs, rubrics

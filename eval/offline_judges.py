@@ -55,7 +55,7 @@ class Encoder:
         if new:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16):
                 emb = self.model.encode(new, batch_size=BATCH_SIZE, normalize_embeddings=True, convert_to_numpy=True)
-            self.cache.update(zip(new, emb.astype(np.float32)))
+            self.cache.update(zip(new, emb))  # float32 either way: MiniLM's last LayerNorm runs in fp32
         return np.stack([self.cache[t] for t in texts]) if texts else np.zeros((0, 384), dtype=np.float32)
 
 

@@ -30,7 +30,6 @@ import argparse
 import importlib.util
 import json
 import os
-import random
 import subprocess
 import sys
 import time
@@ -60,18 +59,13 @@ SETTINGS = {  # name -> (SFTConfig fields, attention implementation, packages it
 }
 # NVIDIA's dense bf16 TFLOP/s by device name, first match wins (the PCIe and NVL H100s run slower than the SXM)
 DENSE_BF16_TFLOPS = (("H100 PCIe", 756), ("H100 NVL", 835), ("H100", 989), ("H200", 989), ("A100", 312))
-WORDS = ("care honest calm answer question help people model truth kindness patience because when about think know "
-         "feel world work time way system user request reply share explain careful clear steady accept reduce").split()
 
 
 def synthetic_chats(n: int, seed: int) -> list[dict]:
-    rng = random.Random(seed)
+    """The CPU benchmark's random-word chats, at the GPU recipe's lengths (~150-450 tokens)."""
+    from bench_train import synthetic_sft
 
-    def text(lo, hi):
-        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi))) + "."
-
-    return [{"messages": [{"role": "user", "content": text(40, 120)}, {"role": "assistant", "content": text(100, 330)}]}
-            for _ in range(n)]
+    return synthetic_sft(n, seed, user_words=(40, 120), answer_words=(100, 330))
 
 
 def matmul_tflops(device: str, dtype) -> float:

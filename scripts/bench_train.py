@@ -138,14 +138,16 @@ def variant_setting(stage: str, variant: str) -> dict:
                    unpad=True, dropout=recipe_lora_dropout(), **extra)
 
 
-def synthetic_sft(n: int, seed: int):
+def synthetic_sft(n: int, seed: int, user_words=(15, 35), answer_words=(55, 110)):
+    """`n` one-turn chats of random words, their lengths drawn from the (least, most) word counts given."""
     rng = random.Random(seed)
 
     def text(lo, hi, end):
         return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi))) + end
 
     return [
-        {"messages": [{"role": "user", "content": text(15, 35, "?")}, {"role": "assistant", "content": text(55, 110, ".")}]}
+        {"messages": [{"role": "user", "content": text(*user_words, "?")},
+                      {"role": "assistant", "content": text(*answer_words, ".")}]}
         for _ in range(n)
     ]
 
